@@ -1,0 +1,267 @@
+"""ray_config.yaml as one typed, validated object, with dotted command-line overrides.
+
+    cfg = parse_cli(["--config", "ray_config.yaml", "model.depth=56", "optim.lr=0.05"])
+
+Every entry point reads its settings from here and passes `cfg` (or one of its sections) down.
+Unknown keys are errors, and every error names the key, the value and what is accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resnet_models import ModelConfig
+
+# Per-user home for the embedded defaults: absolute, so `ray job submit` (whose working directory
+# is a temporary copy) and every worker on a machine see the same runs and MLflow store.
+HOME = Path(os.environ.get("RAY_RESNET_HOME", "~/ray-resnet")).expanduser()
+
+
+class ConfigError(ValueError):
+    """A user's mistake in a config file or override; printed without a traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(Section):
+    name: str = Field("digits-resnet20", min_length=1)  # checkpoints, MLflow run, resume key
+    seed: int = 0
+
+
+class DataSection(Section):
+    dataset: Literal["digits"] = "digits"    # scikit-learn's bundled 8x8 digits, no download
+    image_size: int = Field(32, ge=8)        # digits are upscaled to this side
+    batch_size: int = Field(128, ge=1)       # global: summed over all workers
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class OptimSection(Section):
+    lr: float = Field(0.1, gt=0)             # the learning rate at a global batch of lr_batch ...
+    lr_batch: int = Field(128, ge=1)         # ... scaled linearly for other batch sizes
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    no_decay_bn_bias: bool = False           # exempt BN parameters and biases from weight decay
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class ScheduleSection(Section):
+    epochs: int = Field(10, ge=1)
+    kind: Literal["step", "cosine"] = "step"
+    milestones: list[int] = [5, 8]          # step: divide lr by 1/gamma at these ...
+    milestone_unit: Literal["epoch", "iteration"] = "epoch"  # ... epochs, or the paper's 32k/48k iterations
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)   # linear warm-up from ~0 to lr
+    warmup_lr: float | None = Field(None, gt=0)      # ResNet-110 recipe: hold this lr ...
+    warmup_until_error: float | None = Field(None, gt=0, le=1)  # ... until train error < this
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSection":
+        if self.milestones != sorted(set(self.milestones)) or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones={self.milestones}: strictly increasing positive numbers")
+        if self.milestone_unit == "epoch" and self.milestones and self.milestones[-1] >= self.epochs:
+            raise ValueError(f"milestones={self.milestones}: epoch milestones must be below "
+                             f"schedule.epochs={self.epochs}")
+        if (self.warmup_lr is None) != (self.warmup_until_error is None):
+            raise ValueError(f"warmup_lr={self.warmup_lr}: set together with warmup_until_error "
+                             "(the ResNet-110 recipe: warmup_lr=0.01, warmup_until_error=0.8)")
+        return self
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)        # Ray Train workers (one process each, DDP)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)  # 0: train on CPUs with gloo
+    sync_batchnorm: bool = False
+
+
+class CheckpointSection(Section):
+    storage_path: str = str(HOME / "runs")   # local path, or s3:// / gs:// URI
+    keep_best: int = Field(2, ge=1)          # best K by validation error, plus the latest
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:  # workers and `ray job submit` run in other directories
+        return v if "://" in v else str(Path(v).expanduser().resolve())
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else SQLite under HOME
+    experiment: str = Field("ray-resnet", min_length=1)
+
+    def resolved_uri(self) -> str:
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{HOME / 'mlflow.db'}")
+
+
+class TuneSection(Section):
+    name: str = Field("depth-sweep", min_length=1)
+    # Dotted config key -> the values to try, e.g. {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
+    space: dict[str, list[Any]] = {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1)        # grid: repeats of the grid; random: trials
+    grace_period: int = Field(1, ge=1)       # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster fits
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneSection":
+        for key, values in self.space.items():
+            if not values:
+                raise ValueError(f"space.{key}=[]: give at least one value to try")
+        return self
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelConfig = ModelConfig()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    mlflow: MlflowSection = MlflowSection()
+    tune: TuneSection = TuneSection()
+
+    @model_validator(mode="after")
+    def _check_space(self) -> "Config":
+        # Every value a sweep may try must make a valid config, checked now rather than mid-sweep.
+        base = self.model_dump(exclude={"tune"})
+        for key, values in self.tune.space.items():
+            if key.split(".")[0] == "tune":
+                raise ValueError(f"tune.space.{key}: a sweep cannot vary the tune section")
+            for i, value in enumerate(values):
+                raw = copy.deepcopy(base)
+                try:
+                    set_dotted(raw, key, value)
+                    Config.model_validate({**raw, "tune": {"space": {}}})
+                except (ConfigError, ValidationError) as e:
+                    why = e if isinstance(e, ConfigError) else explain(e)
+                    raise ValueError(f"tune.space.{key}[{i}]={value}: {why}") from None
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run.name}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """raw['model']['depth'] = value for key 'model.depth'; tune.space takes dotted keys whole."""
+    parts = key.split(".")
+    node, schema = raw, Config
+    for i, part in enumerate(parts[:-1]):
+        field = schema.model_fields.get(part)
+        if field is None:
+            raise ConfigError(_unknown(".".join(parts[:i + 1]), schema))
+        if not (isinstance(node.get(part, {}), dict)):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section")
+        node = node.setdefault(part, {})
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):  # a free mapping (tune.space)
+            node[".".join(parts[i + 1:])] = value
+            return
+        schema = ann
+    if len(parts) == 1 and parts[0] in Config.model_fields:
+        raise ConfigError(f"{key} is a section; override one of its keys, e.g. {key}."
+                          f"{next(iter(Config.model_fields[key].annotation.model_fields))}=...")
+    node[parts[-1]] = value
+
+
+def _schema_at(loc: tuple) -> type[BaseModel] | None:
+    schema = Config
+    for part in loc:
+        field = schema.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        schema = ann
+    return schema
+
+
+def _unknown(dotted: str, schema: type[BaseModel] | None) -> str:
+    key = dotted.rsplit(".", 1)[-1]
+    where = dotted.rsplit(".", 1)[0] if "." in dotted else "the config"
+    if schema is None:
+        return f"{dotted}: unknown key"
+    accepted = list(schema.model_fields)
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{dotted}: unknown key; {hint}{where} accepts {', '.join(accepted)}"
+
+
+def explain(e: ValidationError) -> str:
+    """One line per problem: 'model.depth=19: ImageNet ResNets have depth 18, 34, 50, 101 or 152'."""
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(map(str, loc))
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown(dotted, _schema_at(loc[:-1])))
+        elif err["type"] == "value_error":
+            # Cross-field checks word their message as "key=value: what is accepted".
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            lines.append(f"{dotted}.{msg}" if dotted else msg)
+        else:
+            lines.append(f"{dotted}={err.get('input')}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """The file (or the defaults when path is None) with `key=value` overrides applied, validated."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: write overrides as key=value, e.g. model.depth=56")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        set_dotted(raw, key.strip(), value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def parse_cli(argv: list[str] | None, description: str) -> Config:
+    """--config PATH, --print-config and key=value overrides; exits with a message on a mistake."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="ray_config.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. model.depth=56 optim.lr=0.05")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {args.config}: {e}".replace("\n", f"\nerror: {args.config}: "), file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    return cfg

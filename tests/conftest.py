@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "ray_config.yaml"
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run `python -m MODULE ARGS` from the checkout with a private home; returns the process."""
+    import subprocess
+
+    def run(module: str, *args: str, timeout: float = 300):
+        env = {**os.environ, "RAY_RESNET_HOME": str(tmp_path / "home")}
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run

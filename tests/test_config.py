@@ -1,0 +1,82 @@
+"""ray_config.yaml: typed, validated, overridable; every mistake names its key and what is valid."""
+import pytest
+import yaml
+
+from pipelines.config import Config, ConfigError, load_config
+from tests.conftest import CONFIG
+
+
+def test_the_shipped_config_is_valid_and_complete():
+    cfg = load_config(CONFIG)
+    raw = yaml.safe_load(CONFIG.read_text())
+    # Every key the schema has is written out in the shipped file, so users see every knob.
+    for section, fields in Config.model_fields.items():
+        assert set(raw[section]) == set(fields.annotation.model_fields) - {
+            "shortcut_scale", "residual_scale", "gate_bias", "shortcut_dropout"}, section
+    assert cfg.model.name == "cifar_resnet20"
+    assert cfg.checkpoint.storage_path.startswith("/")  # ~ expanded: jobs run in other directories
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(CONFIG, ["model.depth=56", "optim.lr=0.05", "model.residual=false",
+                               "schedule.milestones=[3, 6]", "tune.space.model.depth=[20, 44]",
+                               "mlflow.tracking_uri=http://127.0.0.1:5000"])
+    assert cfg.model.depth == 56 and cfg.optim.lr == 0.05 and cfg.model.residual is False
+    assert cfg.model.name == "cifar_plain56"
+    assert cfg.schedule.milestones == [3, 6]
+    assert cfg.tune.space["model.depth"] == [20, 44]
+    assert cfg.mlflow.resolved_uri() == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.family=imagenet", "model.depth=19"],
+     "model.depth=19: ImageNet ResNets have depth 18, 34, 50, 101 or 152"),
+    (["model.depth=21"], "model.depth=21: CIFAR ResNets have depth 6n+2"),
+    (["model.dpeth=56"], "model.dpeth: unknown key; did you mean depth? model accepts family, depth"),
+    (["optimm.lr=0.1"], "optimm: unknown key; did you mean optim?"),
+    (["optim.lr=0"], "optim.lr=0: Input should be greater than 0"),
+    (["optim.lr=fast"], "optim.lr=fast: Input should be a valid number"),
+    (["model.shortcut=D"], "model.shortcut=D: Input should be 'A', 'B' or 'C'"),
+    (["schedule.kind=linear"], "schedule.kind=linear: Input should be 'step' or 'cosine'"),
+    (["schedule.milestones=[8, 5]"], "schedule.milestones=[8, 5]: strictly increasing"),
+    (["schedule.epochs=4"], "schedule.milestones=[5, 8]: epoch milestones must be below schedule.epochs=4"),
+    (["tune.space.model.depth=[20, 19]"], "tune.space.model.depth[1]=19: model.depth=19: CIFAR ResNets"),
+    (["tune.space.optim.lrr=[0.1]"], "optim.lrr: unknown key; did you mean lr?"),
+    (["tune.space.tune.name=[x]"], "tune.space.tune.name: a sweep cannot vary the tune section"),
+    (["model"], "override 'model': write overrides as key=value"),
+    (["model=resnet50"], "model is a section; override one of its keys"),
+])
+def test_mistakes_name_the_key_the_value_and_what_is_accepted(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_keys_in_the_file_are_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text().replace("  momentum: 0.9", "  momentun: 0.9"))
+    with pytest.raises(ConfigError, match="optim.momentun: unknown key; did you mean momentum?"):
+        load_config(bad)
+    bad.write_text("model: [1, 2]\n")
+    with pytest.raises(ConfigError, match="model=\\[1, 2\\]"):
+        load_config(bad)
+    bad.write_text("model:\n  depth: 20\n   family: cifar\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read the config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_mistakes_without_a_traceback(run_cli):
+    p = run_cli("pipelines.train", "--config", str(CONFIG), "model.family=imagenet", "model.depth=19")
+    assert p.returncode == 2
+    assert p.stderr.strip() == (f"error: {CONFIG}: model.depth=19: ImageNet ResNets have depth "
+                                "18, 34, 50, 101 or 152")
+    assert "Traceback" not in p.stderr
+
+
+def test_print_config_prints_the_resolved_config(run_cli):
+    p = run_cli("pipelines.train", "--config", str(CONFIG), "--print-config", "model.depth=44")
+    assert p.returncode == 0, p.stderr
+    printed = Config.model_validate(yaml.safe_load(p.stdout))
+    assert printed == load_config(CONFIG, ["model.depth=44"])
