@@ -18,3 +18,13 @@ def run_cli(tmp_path):
         return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting Ray costs 5-10 s)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
