@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,12 +27,16 @@ from resnet_models import ModelConfig
 HOME = Path(os.environ.get("RAY_RESNET_HOME", "~/ray-resnet")).expanduser()
 
 
+MAX_CHECKED_TRIALS = 10_000
+
+
 class ConfigError(ValueError):
     """A user's mistake in a config file or override; printed without a traceback."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # run.name=2024 is a name, not an error
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
 class RunSection(Section):
@@ -135,19 +141,27 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_space(self) -> "Config":
-        # Every value a sweep may try must make a valid config, checked now rather than mid-sweep.
-        base = self.model_dump(exclude={"tune"})
-        for key, values in self.tune.space.items():
+        # Every combination a sweep may try must make a valid config: checked now, not mid-sweep.
+        space = self.tune.space
+        if not space:
+            return self
+        for key in space:
             if key.split(".")[0] == "tune":
                 raise ValueError(f"tune.space.{key}: a sweep cannot vary the tune section")
-            for i, value in enumerate(values):
-                raw = copy.deepcopy(base)
-                try:
+        if math.prod(len(v) for v in space.values()) > MAX_CHECKED_TRIALS:
+            raise ValueError(f"tune.space: {math.prod(len(v) for v in space.values()):,} combinations; "
+                             f"at most {MAX_CHECKED_TRIALS:,} (each is validated before the sweep)")
+        base = self.model_dump(exclude={"tune"})
+        for combo in itertools.product(*space.values()):
+            raw = copy.deepcopy(base)
+            try:
+                for key, value in zip(space, combo):
                     set_dotted(raw, key, value)
-                    Config.model_validate({**raw, "tune": {"space": {}}})
-                except (ConfigError, ValidationError) as e:
-                    why = e if isinstance(e, ConfigError) else explain(e)
-                    raise ValueError(f"tune.space.{key}[{i}]={value}: {why}") from None
+                Config.model_validate({**raw, "tune": {"space": {}}})
+            except (ConfigError, ValidationError) as e:
+                why = e if isinstance(e, ConfigError) else explain(e)
+                trial = ", ".join(f"{k}={v}" for k, v in zip(space, combo))
+                raise ValueError(f"tune.space: the trial {trial} is invalid: {why}") from None
         return self
 
     @property
@@ -166,11 +180,14 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
         field = schema.model_fields.get(part)
         if field is None:
             raise ConfigError(_unknown(".".join(parts[:i + 1]), schema))
-        if not (isinstance(node.get(part, {}), dict)):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section")
-        node = node.setdefault(part, {})
         ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):  # a free mapping (tune.space)
+        section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if node.get(part) is None:  # absent, or an empty YAML section; a free mapping keeps its default
+            node[part] = {} if section else copy.deepcopy(field.default)
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section")
+        node = node[part]
+        if not section:  # a free mapping (tune.space): the rest of the key is one entry
             node[".".join(parts[i + 1:])] = value
             return
         schema = ann
@@ -233,6 +250,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = {k: ({} if v is None else v) for k, v in raw.items()}  # an empty section: its defaults
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -241,6 +259,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text  # YAML 1.1 reads yes/no/on/off as booleans; only true/false mean that here
         set_dotted(raw, key.strip(), value)
     try:
         return Config.model_validate(raw)

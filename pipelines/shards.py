@@ -54,7 +54,7 @@ class Options:
     max_pixels: int = 64_000_000        # refuse larger images before decoding (decompression bombs)
 
 
-@dataclass
+@dataclass(slots=True)  # ImageNet plans hold 1.3M of these
 class Item:
     key: str                            # path relative to the root, or an id
     label: int
@@ -76,8 +76,13 @@ class Source:
 
 def _listing(directory: Path, root: Path, ignored: list) -> list[str]:
     """Image files under directory (recursively), as keys relative to root; others go to ignored."""
-    keys = []
-    for dirpath, dirnames, filenames in os.walk(directory):
+    keys, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):  # symlinked class folders
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             key = os.path.relpath(os.path.join(dirpath, name), root)
@@ -184,9 +189,14 @@ def _flat_val_labels(root: Path, csv: Path | None, devkit: Path | None, names: d
 def _stratified_split(items: list[Item], val_fraction: float, seed: int) -> tuple[list, list]:
     from sklearn.model_selection import train_test_split
     items = sorted(items, key=lambda i: i.key)
-    tr, va = train_test_split(items, test_size=val_fraction, random_state=seed,
-                              stratify=[i.label for i in items])
-    return tr, va
+    try:
+        return train_test_split(items, test_size=val_fraction, random_state=seed,
+                                stratify=[i.label for i in items])
+    except ValueError as e:  # a class with one image, or fewer val slots than classes
+        counts = Counter(i.label for i in items)
+        raise ShardError(f"cannot split {len(items)} images in {len(counts)} classes (smallest class: "
+                         f"{min(counts.values(), default=0)}) with val_fraction={val_fraction} ({e}); "
+                         "give every class at least 2 images and the val split one per class") from None
 
 
 def scan_folder(root: Path, val_fraction: float, seed: int) -> Source:
@@ -194,7 +204,13 @@ def scan_folder(root: Path, val_fraction: float, seed: int) -> Source:
     if not root.is_dir():
         raise ShardError(f"{root}: no such folder; --source folder expects ROOT/<class>/<images>")
     ignored: list = []
-    presplit = set(_class_dirs(root)) == {"train", "val"}
+    presplit = (root / "train").is_dir()
+    if presplit and not (root / "val").is_dir():
+        raise ShardError(f"{root}: has train/ but no val/; give both, or put the class folders "
+                         "directly under ROOT for a seeded split (--val-fraction)")
+    if presplit:
+        ignored += [{"key": d, "reason": "not train/ or val/"} for d in _class_dirs(root)
+                    if d not in SPLITS]
     classes = _class_dirs(root / "train") if presplit else _class_dirs(root)
     if not classes:
         raise ShardError(f"{root}: no class folders; --source folder expects ROOT/<class>/<images>")
@@ -296,6 +312,11 @@ def encode(item: Item, root: str | None, opts: Options) -> tuple[bytes, int, int
             if img.format == "JPEG" and img.mode == "RGB" and not rotated and small:
                 return data, h, w  # the original bytes, untouched
             out = ImageOps.exif_transpose(img).convert("RGB")  # CMYK, grayscale, palette, PNG ...
+            if not small:
+                scale = opts.max_side / max(out.size)
+                out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))),
+                                 Image.LANCZOS)
+            return _save(out, "JPEG", opts), out.height, out.width
     except Image.DecompressionBombError as e:
         return f"too large: {e}"
     except Image.UnidentifiedImageError:
@@ -303,11 +324,6 @@ def encode(item: Item, root: str | None, opts: Options) -> tuple[bytes, int, int
     except Exception as e:  # PIL raises many types for bad data; a bad file must not stop the run
         text = re.sub(r" at 0x[0-9a-f]+", "", str(e))  # reasons must be the same in every run
         return "truncated" if "truncated" in text else f"cannot decode: {type(e).__name__}: {text}"
-    if not small:
-        scale = opts.max_side / max(out.size)
-        out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))),
-                         Image.LANCZOS)
-    return _save(out, "JPEG", opts), out.height, out.width
 
 
 def _save(img: Image.Image, fmt: str, opts: Options) -> bytes:
@@ -350,11 +366,14 @@ def _write_shard(out: str, split: str, index: int, items: list[Item], root: str 
         for name, value in zip(SCHEMA.names, (data, item.label, class_ids[item.label],
                                              item.key, h, w)):
             rows[name].append(value)
+    n = len(rows["key"])
+    table, rows = pa.table(rows, schema=SCHEMA), None  # one copy of the images at a time
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(rows, schema=SCHEMA), sink, compression="none", row_group_size=256)
-    blob = sink.getvalue().to_pybytes()
+    pq.write_table(table, sink, compression="none", row_group_size=256)  # JPEGs do not compress
+    del table
+    blob = sink.getvalue()  # an Arrow buffer: hashed and written without another copy
     name = f"{split}/part-{index:05d}.parquet"
-    meta = {"file": name, "rows": len(rows["key"]), "bytes": len(blob),
+    meta = {"file": name, "rows": n, "bytes": blob.size,
             "sha256": hashlib.sha256(blob).hexdigest(), "skipped": skipped}
     final = Path(out) / name
     _atomic_write(Path(out) / ".progress" / f"{split}-{index:05d}.json", json.dumps(meta).encode())
@@ -362,7 +381,7 @@ def _write_shard(out: str, split: str, index: int, items: list[Item], root: str 
     return meta
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -386,9 +405,12 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
     out = Path(out)
     t0 = time.perf_counter()
     shards = plan(source, opts)
+    # What decides the bytes: a resume must match it exactly, labels and class list included.
     identity = {"format": FORMAT, "source": _describe(source), "options": asdict(opts),
                 "plan": hashlib.sha256(json.dumps(
-                    {s: [[i.key for i in shard] for shard in shards[s]] for s in SPLITS}).encode()).hexdigest()}
+                    {"classes": source.classes,
+                     **{s: [[(i.key, i.label) for i in shard] for shard in shards[s]] for s in SPLITS}}
+                ).encode()).hexdigest()}
     for d in (out / ".progress", *(out / s for s in SPLITS)):
         d.mkdir(parents=True, exist_ok=True)
     plan_file = out / ".progress" / "plan.json"
@@ -491,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-side", type=int, help="re-encode images whose long side exceeds this")
     p.add_argument("--quality", type=int, default=Options.quality, help="JPEG quality of re-encoded images")
     p.add_argument("--seed", type=int, default=Options.seed, help="sample order and splits")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel encoding processes")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="parallel encoding processes (default: the CPUs this process may use)")
     p.add_argument("--max-pixels", type=int, default=Options.max_pixels)
     p.add_argument("--val-fraction", type=float, default=None,
                    help="folder without train/val (default 0.1), digits (default 0.2)")

@@ -26,10 +26,10 @@ def digits_tensors(data: DataSection, seed: int):
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0        # N,1,8,8 in [0, 1]
     x = F.interpolate(x, size=data.image_size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - x.mean()) / x.std()
     y = torch.tensor(d.target)
     tr, va = train_test_split(torch.arange(len(y)).numpy(), test_size=data.val_fraction,
                               stratify=y.numpy(), random_state=seed)
+    x = (x - x[tr].mean()) / x[tr].std()  # statistics of the training images only
     return (x[tr], y[tr]), (x[va], y[va]), [str(c) for c in d.target_names]
 
 

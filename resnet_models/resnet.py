@@ -114,9 +114,10 @@ class Block(nn.Module):
         return s + f
 
     def last_layer_of_branch(self) -> nn.Module:
-        """The BN ending the residual branch, or its last conv when a BN does not end it."""
-        n = len(self.ops)
-        return getattr(self, f"bn{n}") if "b" in self.ops[-1] else getattr(self, f"conv{n}")
+        """The layer ending the residual branch: its last BN, or its last conv (pre-activation)."""
+        n, last = len(self.ops), self.ops[-1][-1]
+        assert last != "r", "zero init cannot pass a ReLU; ModelConfig refuses relu_before_add"
+        return getattr(self, f"bn{n}" if last == "b" else f"conv{n}")
 
 
 class ResNet(nn.Module):

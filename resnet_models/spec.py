@@ -45,7 +45,7 @@ class ModelConfig(BaseModel):
     shortcut: Literal["A", "B", "C"] | None = None   # None: A for CIFAR basic nets, else B
     shortcut_variant: Literal[SHORTCUT_VARIANTS] = "identity"
     bottleneck_stride: Literal["3x3", "1x1"] = "3x3"  # 3x3: torchvision "v1.5"; 1x1: the paper, "v1"
-    zero_init_residual: bool = False      # last BN of each residual branch starts at gamma = 0
+    zero_init_residual: bool = False      # the branch's last BN (gamma) or, pre-activation, conv starts at 0
     shortcut_scale: float = 0.5           # constant_scaling: shortcut multiplier
     residual_scale: float = 0.5           # constant_scaling: branch multiplier (the paper: 0.5 or 1)
     gate_bias: float = -6.0               # gating variants: initial bias of the 1x1 gate conv
@@ -87,6 +87,12 @@ class ModelConfig(BaseModel):
         if self.shortcut_variant in ("exclusive_gating", "shortcut_only_gating") and shortcut == "C":
             raise ModelSpecError("shortcut", shortcut, f"{self.shortcut_variant} gates identity "
                                  "shortcuts; use option A or B")
+        if self.zero_init_residual and not self.residual:
+            raise ModelSpecError("zero_init_residual", True, "a plain net has no shortcut to carry the "
+                                 "signal past a zeroed branch; use it with residual=true")
+        if self.zero_init_residual and self.unit == "relu_before_add":
+            raise ModelSpecError("zero_init_residual", True, "in relu_before_add units a ReLU ends the "
+                                 "branch, and a zeroed input to it never gets a gradient; use another unit")
         if not 0.0 <= self.shortcut_dropout < 1.0:
             raise ModelSpecError("shortcut_dropout", self.shortcut_dropout, "a probability in [0, 1)")
         return ResolvedModel(block=block, stages=stages, shortcut=shortcut)

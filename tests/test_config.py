@@ -40,7 +40,10 @@ def test_dotted_overrides_are_typed():
     (["schedule.kind=linear"], "schedule.kind=linear: Input should be 'step' or 'cosine'"),
     (["schedule.milestones=[8, 5]"], "schedule.milestones=[8, 5]: strictly increasing"),
     (["schedule.epochs=4"], "schedule.milestones=[5, 8]: epoch milestones must be below schedule.epochs=4"),
-    (["tune.space.model.depth=[20, 19]"], "tune.space.model.depth[1]=19: model.depth=19: CIFAR ResNets"),
+    (["tune.space.model.depth=[20, 19]"],
+     "tune.space: the trial model.depth=19, optim.lr=0.05 is invalid: model.depth=19: CIFAR ResNets"),
+    (["tune.space.model.shortcut=[C]", "tune.space.model.shortcut_variant=[identity, exclusive_gating]"],
+     "model.shortcut=C, model.shortcut_variant=exclusive_gating is invalid"),
     (["tune.space.optim.lrr=[0.1]"], "optim.lrr: unknown key; did you mean lr?"),
     (["tune.space.tune.name=[x]"], "tune.space.tune.name: a sweep cannot vary the tune section"),
     (["model"], "override 'model': write overrides as key=value"),
@@ -80,3 +83,19 @@ def test_print_config_prints_the_resolved_config(run_cli):
     assert p.returncode == 0, p.stderr
     printed = Config.model_validate(yaml.safe_load(p.stdout))
     assert printed == load_config(CONFIG, ["model.depth=44"])
+
+
+def test_sweeps_are_checked_as_combinations_and_overrides_keep_the_rest_of_the_space():
+    cfg = load_config(CONFIG, ["tune.space.model.depth=[18, 34]", "tune.space.model.family=[imagenet]"])
+    assert cfg.tune.space == {"model.depth": [18, 34], "optim.lr": [0.05, 0.1], "model.family": ["imagenet"]}
+    assert load_config(None, ["tune.space.model.depth=[44]"]).tune.space == {
+        "model.depth": [44], "optim.lr": [0.05, 0.1]}
+
+
+def test_string_values_stay_strings_and_empty_sections_take_defaults(tmp_path):
+    assert load_config(CONFIG, ["run.name=2024"]).run.name == "2024"
+    assert load_config(CONFIG, ["run.name=yes"]).run.name == "yes"
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\nrun:\n  name: x\n")
+    cfg = load_config(f, ["model.depth=32"])
+    assert cfg.model.depth == 32 and cfg.run.name == "x"

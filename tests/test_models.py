@@ -207,3 +207,21 @@ def test_bad_names_and_combinations_say_what_is_valid(call, message):
 def test_names_round_trip():
     for name in list_models():
         assert build_model(name, num_classes=3).config.name in (name, f"cifar_{name}")
+
+
+@pytest.mark.parametrize("unit", ["original", "bn_after_add", "relu_only_preact", "full_preact"])
+def test_zero_init_leaves_the_zeroed_layer_a_gradient(unit):
+    model = build_model("cifar_resnet20", num_classes=10, unit=unit, zero_init_residual=True)
+    last = model.layer2[1].last_layer_of_branch()
+    assert torch.all(last.weight == 0)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert last.weight.grad.abs().sum() > 0  # it learns, and the branch comes alive
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"residual": False}, "zero_init_residual=True: a plain net has no shortcut"),
+    ({"unit": "relu_before_add"}, "zero_init_residual=True: in relu_before_add units a ReLU ends"),
+])
+def test_zero_init_refuses_nets_it_would_kill(options, message):
+    with pytest.raises(ModelSpecError, match=message):
+        build_model("cifar_resnet20", zero_init_residual=True, **options)

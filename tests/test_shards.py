@@ -295,3 +295,57 @@ def test_cli_summary_and_errors(run_cli, tmp_path):
     assert p.returncode == 2 and "no train/ folder" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("pipelines.shards", "--source", "folder", "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "--source folder needs --root PATH" in p.stderr
+
+
+def test_a_changed_class_list_is_not_resumed_into(tmp_path):
+    root = tmp_path / "folder"
+    for cls in ("b", "c"):
+        for i in range(4):
+            save(root / cls / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    out = tmp_path / "shards"
+    write_shards(S.scan_folder(root, 0.5, 0), out, Options(rows_per_shard=2))
+    (out / "train" / "part-00001.parquet").unlink()
+    (root / "a").mkdir()  # an empty class folder shifts every label
+    with pytest.raises(ShardError, match="other options"):
+        write_shards(S.scan_folder(root, 0.5, 0), out, Options(rows_per_shard=2))
+
+
+def test_symlinked_class_folders_and_extra_top_level_folders(tmp_path):
+    real = tmp_path / "real"
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            save(real / cls / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    root = tmp_path / "subset"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        for cls in ("cat", "dog"):
+            (root / split / cls).symlink_to(real / cls, target_is_directory=True)
+    (root / "test").mkdir()
+    (real / "cat" / "loop").symlink_to(real, target_is_directory=True)  # a cycle
+    source = S.scan_folder(root, 0.1, 0)
+    assert [c for c, _ in source.classes] == ["cat", "dog"]
+    assert len(source.splits["train"]) == len(source.splits["val"]) == 4
+    assert {"key": "test", "reason": "not train/ or val/"} in source.ignored
+    (root / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(ShardError, match="has train/ but no val/"):
+        S.scan_folder(root, 0.1, 0)
+
+
+def test_images_that_decode_but_cannot_be_stored_are_skipped(tmp_path):
+    root = tmp_path / "folder"
+    save(root / "a" / "wide.png", Image.new("RGB", (70000, 2)), fmt="PNG")  # past JPEG's 65,535
+    save(root / "a" / "ok.jpg", Image.fromarray(photo()))
+    save(root / "b" / "ok.jpg", Image.fromarray(photo(seed=1)))
+    save(root / "b" / "ok2.jpg", Image.fromarray(photo(seed=2)))
+    m = write_shards(S.scan_folder(root, 0.5, 0), tmp_path / "out")
+    assert [x["key"] for x in m["skipped"]] == ["a/wide.png"]
+    assert m["skipped"][0]["reason"].startswith("cannot decode: OSError")
+
+
+def test_a_split_that_cannot_be_stratified_says_why(tmp_path):
+    root = tmp_path / "folder"
+    save(root / "a" / "only.jpg", Image.fromarray(photo()))
+    for i in range(3):
+        save(root / "b" / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    with pytest.raises(ShardError, match="smallest class: 1"):
+        S.scan_folder(root, 0.5, 0)
