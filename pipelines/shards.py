@@ -433,13 +433,16 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
             metas[s][i] = _write_shard(str(out), s, i, shards[s][i], source.root, class_ids, opts)
             bar.advance(len(shards[s][i]))
     else:  # one task per shard: each carries only its own items
-        with ProcessPoolExecutor(workers) as pool:
+        pool = ProcessPoolExecutor(workers)
+        try:
             futures = {pool.submit(_write_shard, str(out), s, i, shards[s][i], source.root,
                                    class_ids, opts): (s, i) for s, i in todo}
             for fut in as_completed(futures):
                 s, i = futures[fut]
                 metas[s][i] = fut.result()
                 bar.advance(len(shards[s][i]))
+        finally:  # on an error or Ctrl-C, stop now rather than after every queued shard
+            pool.shutdown(cancel_futures=True)
     bar.close()
 
     manifest = {

@@ -33,6 +33,14 @@ def save(path: Path, img: Image.Image, fmt="JPEG", **kw) -> Path:
     return path
 
 
+def class_folders(root: Path, counts: dict[str, int], fmt="JPEG") -> Path:
+    """root/<class>/<i>.jpg (or .png) real encodes, counts[class] images each."""
+    for cls, n in counts.items():
+        for i in range(n):
+            save(root / cls / f"{i}.{'png' if fmt == 'PNG' else 'jpg'}", Image.fromarray(photo(seed=i)), fmt=fmt)
+    return root
+
+
 def bomb_png(path: Path, side=30000) -> None:
     """A valid tiny PNG whose header claims side x side pixels."""
     buf = io.BytesIO()
@@ -191,9 +199,7 @@ def test_max_side_reencodes_only_large_images(tmp_path):
 def test_folder_with_train_and_val_subfolders(tmp_path):
     root = tmp_path / "folder"
     for split, n in (("train", 3), ("val", 2)):
-        for cls in ("cat", "dog"):
-            for i in range(n):
-                save(root / split / cls / f"{i}.png", Image.fromarray(photo(seed=i)), fmt="PNG")
+        class_folders(root / split, {"cat": n, "dog": n}, fmt="PNG")
     save(root / "train" / "loose.jpg", Image.fromarray(photo()))
     out = tmp_path / "shards"
     m = write_shards(S.scan_folder(root, 0.1, 0), out)
@@ -203,10 +209,7 @@ def test_folder_with_train_and_val_subfolders(tmp_path):
 
 
 def test_folder_split_is_stratified_and_seeded(tmp_path):
-    root = tmp_path / "folder"
-    for cls in ("a", "b"):
-        for i in range(10):
-            save(root / cls / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    root = class_folders(tmp_path / "folder", {"a": 10, "b": 10})
     one = S.scan_folder(root, 0.2, seed=3)
     assert sorted(i.label for i in one.splits["val"]) == [0, 0, 1, 1]
     assert [i.key for i in S.scan_folder(root, 0.2, seed=3).splits["val"]] == [i.key for i in one.splits["val"]]
@@ -298,10 +301,7 @@ def test_cli_summary_and_errors(run_cli, tmp_path):
 
 
 def test_a_changed_class_list_is_not_resumed_into(tmp_path):
-    root = tmp_path / "folder"
-    for cls in ("b", "c"):
-        for i in range(4):
-            save(root / cls / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    root = class_folders(tmp_path / "folder", {"b": 4, "c": 4})
     out = tmp_path / "shards"
     write_shards(S.scan_folder(root, 0.5, 0), out, Options(rows_per_shard=2))
     (out / "train" / "part-00001.parquet").unlink()
@@ -311,10 +311,7 @@ def test_a_changed_class_list_is_not_resumed_into(tmp_path):
 
 
 def test_symlinked_class_folders_and_extra_top_level_folders(tmp_path):
-    real = tmp_path / "real"
-    for cls in ("cat", "dog"):
-        for i in range(2):
-            save(real / cls / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    real = class_folders(tmp_path / "real", {"cat": 2, "dog": 2})
     root = tmp_path / "subset"
     for split in ("train", "val"):
         (root / split).mkdir(parents=True)
@@ -332,20 +329,14 @@ def test_symlinked_class_folders_and_extra_top_level_folders(tmp_path):
 
 
 def test_images_that_decode_but_cannot_be_stored_are_skipped(tmp_path):
-    root = tmp_path / "folder"
+    root = class_folders(tmp_path / "folder", {"a": 1, "b": 2})
     save(root / "a" / "wide.png", Image.new("RGB", (70000, 2)), fmt="PNG")  # past JPEG's 65,535
-    save(root / "a" / "ok.jpg", Image.fromarray(photo()))
-    save(root / "b" / "ok.jpg", Image.fromarray(photo(seed=1)))
-    save(root / "b" / "ok2.jpg", Image.fromarray(photo(seed=2)))
     m = write_shards(S.scan_folder(root, 0.5, 0), tmp_path / "out")
     assert [x["key"] for x in m["skipped"]] == ["a/wide.png"]
     assert m["skipped"][0]["reason"].startswith("cannot decode: OSError")
 
 
 def test_a_split_that_cannot_be_stratified_says_why(tmp_path):
-    root = tmp_path / "folder"
-    save(root / "a" / "only.jpg", Image.fromarray(photo()))
-    for i in range(3):
-        save(root / "b" / f"{i}.jpg", Image.fromarray(photo(seed=i)))
+    root = class_folders(tmp_path / "folder", {"a": 1, "b": 3})
     with pytest.raises(ShardError, match="smallest class: 1"):
         S.scan_folder(root, 0.5, 0)
