@@ -45,10 +45,33 @@ class RunSection(Section):
 
 
 class DataSection(Section):
-    dataset: Literal["digits"] = "digits"    # scikit-learn's bundled 8x8 digits, no download
-    image_size: int = Field(32, ge=8)        # digits are upscaled to this side
+    shards: str | None = None                # written by pipelines.shards; None: the bundled digits
     batch_size: int = Field(128, ge=1)       # global: summed over all workers
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    train_transform: Literal["cifar", "paper", "rrc"] = "cifar"
+    crop_size: int = Field(32, ge=8)         # training crop and validation centre crop
+    scale_range: tuple[int, int] = (256, 480)          # paper: random shorter side, then the crop
+    rrc_scale: tuple[float, float] = (0.08, 1.0)       # rrc: area fraction of RandomResizedCrop
+    val_resize: int | None = Field(None, ge=8)         # shorter side before the centre crop; None: native
+    pca_lighting: float = Field(0.0, ge=0)             # AlexNet-style colour noise std (0.1 in fb.resnet)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    shuffle_buffer: int = Field(2048, ge=0)            # rows shuffled locally in each worker; 0: off
+    decode_batch: int = Field(64, ge=1)                # rows per decode task
+    prefetch_batches: int = Field(2, ge=0)
+    bad_records: Literal["skip", "fail"] = "skip"      # an undecodable row: log and skip, or stop
+    deterministic: bool = False              # the same order for the same seed (slower: keeps order)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSection":
+        lo, hi = self.scale_range
+        if not self.crop_size <= lo <= hi:
+            raise ValueError(f"scale_range={list(self.scale_range)}: need crop_size ({self.crop_size}) "
+                             "<= low <= high, e.g. [256, 480] for a 224 crop")
+        if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"rrc_scale={list(self.rrc_scale)}: need 0 < low <= high <= 1")
+        if min(self.std) <= 0:
+            raise ValueError(f"std={list(self.std)}: every channel's std must be positive")
+        return self
 
 
 class OptimSection(Section):

@@ -1,8 +1,8 @@
 """Train a ResNet:  python -m pipelines.train --config ray_config.yaml [key=value ...]
 
-Reads top to bottom: config -> data -> model -> optimizer and schedule -> epochs, one table row
-each. This is the single-process loop on the bundled digits; the Ray Train DDP job replaces the
-loop and the in-memory data (see the project's issues), keeping the optimizer and schedule.
+Reads top to bottom: config -> data (shards streamed by Ray Data, see pipelines/data.py) ->
+model -> optimizer and schedule -> epochs, one table row each. For now the loop runs in this one
+process; the Ray Train DDP job wraps the same loop (see the project's issues).
 """
 from __future__ import annotations
 
@@ -14,23 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.config import Config, DataSection, OptimSection, ScheduleSection, parse_cli
+from pipelines.config import Config, OptimSection, ScheduleSection, parse_cli
+from pipelines.data import build_datasets, epoch_batches, to_device
 from resnet_models import build_model, model_stats
-
-
-def digits_tensors(data: DataSection, seed: int):
-    """scikit-learn's 1,797 real 8x8 digits as 3x{s}x{s} float images, stratified train/val split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0        # N,1,8,8 in [0, 1]
-    x = F.interpolate(x, size=data.image_size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target)
-    tr, va = train_test_split(torch.arange(len(y)).numpy(), test_size=data.val_fraction,
-                              stratify=y.numpy(), random_state=seed)
-    x = (x - x[tr].mean()) / x[tr].std()  # statistics of the training images only
-    return (x[tr], y[tr]), (x[va], y[va]), [str(c) for c in d.target_names]
 
 
 def make_optimizer(model: nn.Module, optim: OptimSection, global_batch: int) -> torch.optim.SGD:
@@ -58,17 +44,18 @@ def lr_factor(step: int, steps_per_epoch: int, s: ScheduleSection) -> float:
     return factor
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
-    """Top-1 and top-5 error on (x, y)."""
+def evaluate(model: nn.Module, batches, cfg: Config, device: torch.device) -> tuple[float, float, int]:
+    """Top-1 and top-5 error, and the number of images seen."""
     model.eval()
-    top1 = top5 = 0
+    top1 = top5 = seen = 0
     with torch.no_grad():
-        for i in range(0, len(y), batch):
-            logits, t = model(x[i:i + batch]), y[i:i + batch]
-            k = logits.topk(min(5, logits.size(1)), dim=1).indices
+        for batch in batches:
+            x, t = to_device(batch, device, cfg.data, channels_last=False)
+            k = model(x).topk(min(5, model.fc.out_features), dim=1).indices
             top1 += (k[:, 0] == t).sum().item()
             top5 += (k == t[:, None]).any(dim=1).sum().item()
-    return 1 - top1 / len(y), 1 - top5 / len(y)
+            seen += len(t)
+    return 1 - top1 / max(seen, 1), 1 - top5 / max(seen, 1), seen
 
 
 def save_text(uri: str, name: str, text: str) -> None:
@@ -82,31 +69,38 @@ def save_text(uri: str, name: str, text: str) -> None:
 def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     save_text(cfg.run_dir, "config.yaml", cfg.to_yaml())
+    device = torch.device("cpu")
 
-    (xtr, ytr), (xva, yva), classes = digits_tensors(cfg.data, cfg.run.seed)
+    train_ds, val_ds, manifest = build_datasets(cfg.data, cfg.run.seed)
+    n_train, n_val = (manifest["splits"][s]["rows"] for s in ("train", "val"))
+    classes = manifest["classes"]
     model = build_model(cfg.model, num_classes=len(classes))
-    stats = model_stats(model, (3, cfg.data.image_size, cfg.data.image_size))
+    stats = model_stats(model, (3, cfg.data.crop_size, cfg.data.crop_size))
     print(f"{cfg.model.name}: {stats['params']:,} parameters, {stats['macs'] / 1e6:.1f}M MACs per image; "
-          f"{len(ytr)} train / {len(yva)} val images, {len(classes)} classes; outputs in {cfg.run_dir}")
+          f"{n_train} train / {n_val} val images, {len(classes)} classes; outputs in {cfg.run_dir}")
 
     batch = cfg.data.batch_size
-    steps_per_epoch = len(ytr) // batch or 1
+    steps_per_epoch = max(n_train // batch, 1)  # the final partial batch is dropped
     opt = make_optimizer(model, cfg.optim, batch)
     peak = [g["lr"] for g in opt.param_groups]
     s = cfg.schedule
     warming = s.warmup_lr is not None  # the ResNet-110 recipe: hold a small lr until error drops
+    lighting = torch.Generator().manual_seed(cfg.run.seed)
 
     print(f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'train_err':>9} {'val_err':>8} {'val_top5':>8} "
-          f"{'img/s':>7} {'time':>6}")
+          f"{'img/s':>7} {'wait':>5} {'time':>6}")
     step, history = 0, []
-    gen = torch.Generator().manual_seed(cfg.run.seed)
     for epoch in range(1, s.epochs + 1):
         model.train()
-        t0, loss_sum, wrong, seen = time.perf_counter(), 0.0, 0, 0
-        order = torch.randperm(len(ytr), generator=gen)
-        for i in range(steps_per_epoch):  # the last partial batch is dropped, as drop_last=True
-            idx = order[i * batch:(i + 1) * batch]
-            x, y = xtr[idx], ytr[idx]
+        t0, loss_sum, wrong, seen, waited = time.perf_counter(), 0.0, 0, 0, 0.0
+        batches = iter(epoch_batches(train_ds, cfg.data, epoch, cfg.run.seed, batch, train=True))
+        while True:
+            tw = time.perf_counter()
+            b = next(batches, None)
+            waited += time.perf_counter() - tw
+            if b is None:
+                break
+            x, y = to_device(b, device, cfg.data, channels_last=False, generator=lighting)
             for g, p in zip(opt.param_groups, peak):
                 g["lr"] = s.warmup_lr if warming else p * lr_factor(step, steps_per_epoch, s)
             logits = model(x)
@@ -119,21 +113,38 @@ def train(cfg: Config) -> dict:
             wrong += (logits.argmax(1) != y).sum().item()
             seen += len(y)
         train_time = time.perf_counter() - t0
-        train_err = wrong / seen
+        train_err = wrong / max(seen, 1)
         if warming and train_err < s.warmup_until_error:
             warming = False
-        val_err, val_top5 = evaluate(model, xva, yva, batch)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
+        val_err, val_top5, val_seen = evaluate(model, epoch_batches(val_ds, cfg.data, epoch, cfg.run.seed,
+                                                                    batch, train=False), cfg, device)
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
                "train_error": train_err, "val_error": val_err, "val_top5_error": val_top5,
-               "images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t0}
+               "images_per_s": seen / train_time, "data_wait": waited / train_time,
+               "epoch_time_s": time.perf_counter() - t0,
+               # rows the manifest promises but the epoch did not deliver: undecodable records,
+               # plus the dropped final partial batch
+               "train_missing": n_train - seen, "val_missing": n_val - val_seen}
         history.append(row)
         print(f"{epoch:>5} {row['lr']:>8.4f} {row['train_loss']:>10.4f} {train_err:>9.2%} {val_err:>8.2%} "
-              f"{val_top5:>8.2%} {row['images_per_s']:>7.0f} {row['epoch_time_s']:>5.1f}s", flush=True)
-    return {"model": model, "stats": stats, "history": history}
+              f"{val_top5:>8.2%} {row['images_per_s']:>7.0f} {row['data_wait']:>5.0%} "
+              f"{row['epoch_time_s']:>5.1f}s", flush=True)
+    return {"model": model, "stats": stats, "history": history, "manifest": manifest}
+
+
+def quiet_ray_data() -> None:
+    """One table row per epoch on the console: Ray Data's per-execution progress goes to its logs."""
+    import logging
+
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_cli(argv, "Train a ResNet on the configured data (see ray_config.yaml)."))
+    cfg = parse_cli(argv, "Train a ResNet on the configured data (see ray_config.yaml).")
+    quiet_ray_data()
+    train(cfg)
 
 
 if __name__ == "__main__":

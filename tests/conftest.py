@@ -1,8 +1,12 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Before any project import: runs, MLflow and the digits shards go to a throwaway home.
+os.environ["RAY_RESNET_HOME"] = tempfile.mkdtemp(prefix="ray-resnet-tests-")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "ray_config.yaml"
@@ -22,9 +26,13 @@ def run_cli(tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (starting Ray costs 5-10 s)."""
+    """One local Ray instance for the whole test session (starting Ray costs 5-10 s).
+
+    4 logical CPUs on any machine: two 1-CPU Train workers must leave CPUs for Ray Data's decode
+    tasks, or the input never arrives.
+    """
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

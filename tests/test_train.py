@@ -11,7 +11,7 @@ from resnet_models import build_model
 from tests.conftest import CONFIG
 
 
-def test_a_short_run_learns_and_saves_its_config_beside_its_outputs(tmp_path):
+def test_a_short_run_learns_and_saves_its_config_beside_its_outputs(tmp_path, ray_session):
     cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", "run.name=smoke",
                                "schedule.epochs=3", "schedule.milestones=[2]", "model.depth=8"])
     out = train(cfg)
@@ -20,7 +20,8 @@ def test_a_short_run_learns_and_saves_its_config_beside_its_outputs(tmp_path):
     h = out["history"]
     assert [r["epoch"] for r in h] == [1, 2, 3]
     assert h[-1]["train_loss"] < h[0]["train_loss"]
-    assert h[-1]["train_error"] < 0.5  # 10 classes: chance is 0.9
+    assert h[-1]["train_error"] < 0.7  # 10 classes: chance is 0.9
+    assert all(r["train_missing"] == 1437 % 128 and r["val_missing"] == 0 for r in h)  # nothing lost
     assert out["stats"]["params"] == sum(p.numel() for p in out["model"].parameters())
 
 
