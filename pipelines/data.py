@@ -11,6 +11,7 @@ training device normalises them. The transforms themselves are plain torchvision
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -222,12 +224,7 @@ def build_datasets(data: DataSection, seed: int):
     return datasets[0], datasets[1], manifest
 
 
-def _collate_base():
-    from ray.data.collate_fn import NumpyBatchCollateFn
-    return NumpyBatchCollateFn
-
-
-class Collate(_collate_base()):
+class Collate(NumpyBatchCollateFn):
     """Numpy batch -> tensors, no copy. Arrow-backed arrays are read-only; nothing writes to them
     (to_device makes a new float tensor), so torch's warning about that is silenced here."""
 
@@ -251,12 +248,18 @@ def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: 
         local_shuffle_seed=(seed * 100_003 + epoch) if train else None)
 
 
+@functools.lru_cache(maxsize=8)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std on the device, made once rather than copied every batch."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
 def to_device(batch: dict, device: torch.device, data: DataSection, channels_last: bool,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 NHWC on the host -> normalised float NCHW on the device (NHWC memory = channels_last)."""
     x = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(data.mean, data.std, device)
     x = (x - mean) / std
     if data.pca_lighting and generator is not None:  # AlexNet-style colour noise, per image
         alpha = torch.randn(x.size(0), 3, generator=generator) * data.pca_lighting
