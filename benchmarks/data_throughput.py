@@ -62,7 +62,7 @@ def main() -> None:
 
     import ray
     import ray.data
-    ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=a.workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     data = load_config(ROOT / "ray_config.yaml", ["data.train_transform=rrc", "data.crop_size=224",

@@ -42,16 +42,19 @@ class Section(BaseModel):
 class RunSection(Section):
     name: str = Field("digits-resnet20", min_length=1)  # checkpoints, MLflow run, resume key
     seed: int = 0
+    max_failures: int = Field(3, ge=-1)      # restarts from the last checkpoint after a worker dies; -1: always
 
 
 class DataSection(Section):
     shards: str | None = None                # written by pipelines.shards; None: the bundled digits
+    num_classes: int | None = Field(None, ge=2)  # None: the manifest's; set, it must agree with it
     batch_size: int = Field(128, ge=1)       # global: summed over all workers
     train_transform: Literal["cifar", "paper", "rrc"] = "cifar"
     crop_size: int = Field(32, ge=8)         # training crop and validation centre crop
     scale_range: tuple[int, int] = (256, 480)          # paper: random shorter side, then the crop
     rrc_scale: tuple[float, float] = (0.08, 1.0)       # rrc: area fraction of RandomResizedCrop
     val_resize: int | None = Field(None, ge=8)         # shorter side before the centre crop; None: native
+    flip: bool = True                                  # random horizontal flip (not for digits or text)
     pca_lighting: float = Field(0.0, ge=0)             # AlexNet-style colour noise std (0.1 in fb.resnet)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -91,7 +94,7 @@ class ScheduleSection(Section):
     milestone_unit: Literal["epoch", "iteration"] = "epoch"  # ... epochs, or the paper's 32k/48k iterations
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0)   # linear warm-up from ~0 to lr
-    warmup_lr: float | None = Field(None, gt=0)      # ResNet-110 recipe: hold this lr ...
+    warmup_lr: float | None = Field(None, gt=0)      # ResNet-110 recipe: hold this lr (at lr_batch) ...
     warmup_until_error: float | None = Field(None, gt=0, le=1)  # ... until train error < this
 
     @model_validator(mode="after")
@@ -111,16 +114,32 @@ class ScalingSection(Section):
     num_workers: int = Field(2, ge=1)        # Ray Train workers (one process each, DDP)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)  # 0: train on CPUs with gloo
-    sync_batchnorm: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    sync_batchnorm: bool = False             # BN statistics over the global batch (GPUs only)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: bf16 autocast on GPUs, off on CPUs
+    channels_last: Literal["auto", "on", "off"] = "auto"   # auto: on GPUs
+    compile: bool = False                    # torch.compile the model (minutes of warm-up)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingSection":
+        if self.gpus_per_worker == 0:
+            if self.sync_batchnorm:
+                raise ValueError("sync_batchnorm=true: torch's SyncBatchNorm runs only on GPUs; "
+                                 "set gpus_per_worker > 0 or sync_batchnorm=false")
+            if self.amp == "fp16":
+                raise ValueError("amp=fp16: fp16 with a grad scaler is for GPUs; on CPUs use off or bf16")
+        return self
 
 
 class CheckpointSection(Section):
-    storage_path: str = str(HOME / "runs")   # local path, or s3:// / gs:// URI
+    storage_path: str | None = Field(None, validate_default=True)  # path or s3:// / gs:// URI; None: HOME/runs
     keep_best: int = Field(2, ge=1)          # best K by validation error, plus the latest
 
     @field_validator("storage_path")
     @classmethod
-    def _absolute(cls, v: str) -> str:  # workers and `ray job submit` run in other directories
+    def _absolute(cls, v: str | None) -> str:  # workers and `ray job submit` run in other directories
+        if v is None:
+            return str(HOME / "runs")
         return v if "://" in v else str(Path(v).expanduser().resolve())
 
 
@@ -190,6 +209,18 @@ class Config(Section):
     @property
     def run_dir(self) -> str:
         return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run.name}"
+
+    @property
+    def local_batch(self) -> int:
+        return self.data.batch_size // self.scaling.num_workers
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "Config":
+        b, w = self.data.batch_size, self.scaling.num_workers
+        if b % w:
+            raise ValueError(f"data.batch_size={b}: the global batch is split evenly over "
+                             f"scaling.num_workers={w}; use a multiple of {w}, e.g. {b // w * w or w}")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -133,12 +133,13 @@ def build_transform(data: DataSection, train: bool) -> T.Compose:
     if not train:
         steps = ([T.Resize(data.val_resize, antialias=True)] if data.val_resize else []) + [T.CenterCrop(c)]
     elif data.train_transform == "paper":
-        steps = [ShorterSideRandomResize(*data.scale_range), T.RandomCrop(c, pad_if_needed=True),
-                 T.RandomHorizontalFlip()]
+        steps = [ShorterSideRandomResize(*data.scale_range), T.RandomCrop(c, pad_if_needed=True)]
     elif data.train_transform == "rrc":
-        steps = [T.RandomResizedCrop(c, scale=tuple(data.rrc_scale), antialias=True), T.RandomHorizontalFlip()]
+        steps = [T.RandomResizedCrop(c, scale=tuple(data.rrc_scale), antialias=True)]
     else:  # cifar: 4-pixel zero padding, random crop, flip (paper section 4.2)
-        steps = [T.RandomCrop(c, padding=4), T.RandomHorizontalFlip()]
+        steps = [T.RandomCrop(c, padding=4)]
+    if train and data.flip:
+        steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, T.PILToTensor()])
 
 

@@ -17,8 +17,11 @@ def run_cli(tmp_path):
     """Run `python -m MODULE ARGS` from the checkout with a private home; returns the process."""
     import subprocess
 
-    def run(module: str, *args: str, timeout: float = 300):
-        env = {**os.environ, "RAY_RESNET_HOME": str(tmp_path / "home")}
+    def run(module: str, *args: str, timeout: float = 300, env: dict | None = None, wait: bool = True):
+        env = {**os.environ, "RAY_RESNET_HOME": str(tmp_path / "home"), **(env or {})}
+        if not wait:  # a running process, stdout and stderr together
+            return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     return run
@@ -33,6 +36,6 @@ def ray_session():
     """
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -78,11 +78,14 @@ def test_cli_reports_mistakes_without_a_traceback(run_cli):
     assert "Traceback" not in p.stderr
 
 
-def test_print_config_prints_the_resolved_config(run_cli):
+def test_print_config_prints_the_resolved_config(run_cli, tmp_path):
     p = run_cli("pipelines.train", "--config", str(CONFIG), "--print-config", "model.depth=44")
     assert p.returncode == 0, p.stderr
     printed = Config.model_validate(yaml.safe_load(p.stdout))
-    assert printed == load_config(CONFIG, ["model.depth=44"])
+    # storage_path: null resolves under that process's RAY_RESNET_HOME
+    assert printed.checkpoint.storage_path == str(tmp_path / "home" / "runs")
+    expected = load_config(CONFIG, ["model.depth=44", f"checkpoint.storage_path={tmp_path}/home/runs"])
+    assert printed == expected
 
 
 def test_sweeps_are_checked_as_combinations_and_overrides_keep_the_rest_of_the_space():

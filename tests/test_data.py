@@ -154,7 +154,7 @@ def test_streaming_five_times_the_object_store_neither_spills_nor_grows(tmp_path
         from ray._private.internal_api import memory_summary
         from pipelines.config import load_config
         from pipelines.data import build_datasets, epoch_batches
-        ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
         data = load_config({str(CONFIG)!r}, ["data.shards={digits_dir}", "data.train_transform=rrc",
                                              "data.crop_size=224", "data.shuffle_buffer=64",
                                              "data.decode_batch=32", "data.prefetch_batches=1"]).data

@@ -1,28 +1,290 @@
-"""The training entry point: a real (small) run, its saved config, its optimizer and schedule."""
+"""The training job: DDP that matches one worker, checkpoints, resume, restarts after a worker dies,
+MLflow, dashboard gauges, `ray job submit`, multi-node, and mistakes caught before workers start."""
 import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from pipelines.config import Config, ScheduleSection, load_config
-from pipelines.train import lr_factor, make_optimizer, train
+from pipelines.config import Config, ConfigError, ScheduleSection, load_config
+from pipelines.train import fit, load_state, lr_factor, make_optimizer, train_step, unwrap
 from resnet_models import build_model
-from tests.conftest import CONFIG
+from tests.conftest import CONFIG, ROOT
+
+SMALL = ["model.depth=8", "schedule.milestones=[]", "data.shuffle_buffer=256"]
 
 
-def test_a_short_run_learns_and_saves_its_config_beside_its_outputs(tmp_path, ray_session):
-    cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", "run.name=smoke",
-                               "schedule.epochs=3", "schedule.milestones=[2]", "model.depth=8"])
-    out = train(cfg)
-    saved = tmp_path / "smoke" / "config.yaml"
-    assert Config.model_validate(yaml.safe_load(saved.read_text())) == cfg
-    h = out["history"]
-    assert [r["epoch"] for r in h] == [1, 2, 3]
-    assert h[-1]["train_loss"] < h[0]["train_loss"]
-    assert h[-1]["train_error"] < 0.7  # 10 classes: chance is 0.9
-    assert all(r["train_missing"] == 1437 % 128 and r["val_missing"] == 0 for r in h)  # nothing lost
-    assert out["stats"]["params"] == sum(p.numel() for p in out["model"].parameters())
+def small_cfg(tmp_path, *overrides):
+    return load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", *SMALL, *overrides])
+
+
+def mlflow_run(cfg, run_id):
+    from mlflow import MlflowClient
+    client = MlflowClient(cfg.mlflow.resolved_uri())
+    return client, client.get_run(run_id)
+
+
+def epochs_logged(client, run_id) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "val_error"))
+
+
+def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session):
+    cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1")
+    first = load_state(fit(cfg).checkpoint)
+    assert first["epoch"] == 1 and len(first["history"]) == 1
+    row = first["history"][0]
+    assert row["train_error"] < 0.9 and row["images_per_s"] > 0 and 0 <= row["data_wait"] <= 1
+    # two workers: the equal split drops 1437 % 2 rows, each worker its final partial batch of 64;
+    # validation is split unequally and loses nothing
+    assert row["train_missing"] == 1437 - 2 * (718 // 64 * 64) and row["val_missing"] == 0
+    saved = yaml.safe_load((tmp_path / "resume" / "config.yaml").read_text())
+    assert Config.model_validate(saved) == cfg
+
+    # Started again with the same name and one more epoch: it begins at epoch 2.
+    longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2")
+    result = fit(longer)
+    second = load_state(result.checkpoint)
+    assert [r["epoch"] for r in second["history"]] == [1, 2]
+    assert second["history"][0] == row                       # epoch 1 was not trained again
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
+    kept = [p for p in (tmp_path / "resume").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert len(kept) == 2
+
+    client, run = mlflow_run(cfg, first["mlflow_run_id"])
+    assert epochs_logged(client, run.info.run_id) == [1, 2]
+    assert run.info.status == "FINISHED" and run.info.run_name == "resume"
+    assert run.data.params["model.name"] == "cifar_resnet8" and run.data.params["params"] == "75290"
+    assert run.data.params["optim.lr"] == "0.1" and int(run.data.params["macs"]) > 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "curves.png"}
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert {m.name for m in models} == {"best_model", "final_model"}
+
+
+def test_two_ddp_workers_take_the_same_steps_as_one_worker_with_the_whole_batch(tmp_path, ray_session):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    cfg = small_cfg(tmp_path)
+
+    def loop(config):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(0)
+        model = ray.train.torch.prepare_model(build_model("cifar_resnet8", num_classes=10))
+        # BN from its running statistics: per-worker batch statistics differ from the whole
+        # batch's, and SyncBatchNorm needs GPUs. Everything else is the job's own step.
+        model.eval()
+        opt = make_optimizer(model, config["cfg"].optim, global_batch=32)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+            part = slice(rank * 32 // world, (rank + 1) * 32 // world)
+            train_step(model, opt, scaler, x[part], y[part], config["cfg"], None)
+        if rank == 0:
+            torch.save(unwrap(model).state_dict(), config["out"])
+
+    for world in (1, 2):
+        TorchTrainer(loop, train_loop_config={"cfg": cfg, "out": str(tmp_path / f"{world}.pt")},
+                     scaling_config=ScalingConfig(num_workers=world),
+                     run_config=RunConfig(name=f"ddp{world}", storage_path=str(tmp_path))).fit()
+    one, two = (torch.load(tmp_path / f"{w}.pt") for w in (1, 2))
+    start = build_model("cifar_resnet8", num_classes=10).state_dict()
+    assert not torch.equal(one["fc.weight"], start["fc.weight"])  # they did train
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("amp, channels_last, tol", [(None, True, 1e-4), (torch.bfloat16, False, 3e-2),
+                                                    (torch.bfloat16, True, 3e-2)])
+def test_bf16_autocast_and_channels_last_train_as_fp32_does(tmp_path, amp, channels_last, tol):
+    """The GPU defaults (bf16 autocast, NHWC), checked on CPU against fp32 NCHW: same losses over a
+    few steps, same weights, within the precision's tolerance."""
+    cfg = small_cfg(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    def run(amp, channels_last):
+        torch.manual_seed(0)
+        model = build_model("cifar_resnet8", num_classes=10)
+        xx = x
+        if channels_last:
+            model, xx = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        opt = make_optimizer(model, cfg.optim, global_batch=32)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        steps = [train_step(model, opt, scaler, xx, y, cfg, amp) for _ in range(3)]
+        assert steps[0][0].dtype == (amp or torch.float32)  # autocast did run in that precision
+        return [loss.item() for _, loss in steps], model.state_dict()
+
+    ref_losses, ref = run(None, False)
+    losses, state = run(amp, channels_last)
+    assert losses == pytest.approx(ref_losses, rel=tol)
+    assert ref_losses[-1] < ref_losses[0]
+    for k in ref:
+        torch.testing.assert_close(state[k].float(), ref[k].float(), rtol=tol, atol=tol, msg=k)
+
+
+def train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_epoch_once(
+        tmp_path, ray_session, run_cli):
+    import ray
+    args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    cfg = small_cfg(tmp_path, *args)
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    args.append(f"checkpoint.storage_path={tmp_path}")
+    proc = run_cli("pipelines.train", "--config", str(CONFIG), *args, env=env, wait=False)
+    run_dir = tmp_path / "fault"
+    deadline = time.time() + 240
+    # Ray Train has registered epoch 1's checkpoint once its snapshot names it
+    while not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    workers = train_worker_pids()
+    assert workers
+    os.kill(workers[-1], signal.SIGKILL)  # mid-epoch 2
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert "epochs 2..3 (resumed)" in out
+    final = load_state(next(iter(fit_result_checkpoints(run_dir))))
+    client, run = mlflow_run(cfg, final["mlflow_run_id"])
+    assert epochs_logged(client, run.info.run_id) == [1, 2, 3]
+    assert [r["epoch"] for r in final["history"]] == [1, 2, 3]
+
+
+def fit_result_checkpoints(run_dir: Path):
+    """The run's checkpoints, latest first."""
+    from ray.train import Checkpoint
+    dirs = sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")), reverse=True)
+    return [Checkpoint.from_directory(str(d)) for d in dirs]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.num_classes=7"], "data.num_classes=7: "),
+    (["data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards/manifest.json: cannot read it"),
+    (["checkpoint.storage_path=/proc/no-such-dir"], "checkpoint.storage_path=/proc/no-such-dir: cannot write"),
+    (["scaling.gpus_per_worker=1"], "needs 2 GPUs, the cluster has 0"),
+    (["scaling.num_workers=4", "data.batch_size=128"], "training takes 4 of the cluster's 4 CPUs"),
+    (["data.batch_size=2048"], "each of the 2 workers gets 718 training images, fewer than its batch of 1024"),
+])
+def test_mistakes_are_refused_before_any_worker_starts(tmp_path, ray_session, overrides, message):
+    cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fit(cfg)
+
+
+def test_a_run_name_with_checkpoints_of_another_model_is_refused(tmp_path, ray_session):
+    old = small_cfg(tmp_path, "run.name=taken")
+    (tmp_path / "taken" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    (tmp_path / "taken" / "config.yaml").write_text(old.to_yaml())
+    with pytest.raises(ConfigError, match=r"run.name=taken: .* another model \(model.depth: 8 -> 14\); choose a new run.name"):
+        fit(small_cfg(tmp_path, "run.name=taken", "model.depth=14"))
+
+
+def test_the_cli_reports_a_mistake_in_one_line_without_a_traceback(run_cli, tmp_path):
+    out = run_cli("pipelines.train", "--config", str(CONFIG), "data.num_classes=7")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: data.num_classes=7:" in out.stderr and "lists 10 classes" in out.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_path):
+    """`ray start --head`, then `ray job submit --working-dir .`: data, checkpoints and MLflow stay
+    under RAY_RESNET_HOME (outside the uploaded directory); the gauges reach Prometheus."""
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "home"
+    env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, metrics = free_port(), free_port(), free_port()
+    head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                             f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # `ray start --block` returns nothing when the head is up: wait for its dashboard
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): up
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+                time.sleep(1)
+        for _ in range(30):  # the dashboard answers before its job agent is ready
+            job = subprocess.run(
+                [bin_dir / "ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                 "--", "python", "-m", "pipelines.train", "--config", "ray_config.yaml", *SMALL,
+                 "schedule.epochs=1", "run.name=submitted"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30).read().decode()
+        for gauge in ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait"):
+            assert f'{gauge}{{' in scrape and 'run="submitted"' in scrape, gauge
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    cfg = load_config(CONFIG, ["run.name=submitted"])
+    state = load_state(fit_result_checkpoints(home / "runs" / "submitted")[0])
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert epochs_logged(client, state["mlflow_run_id"]) == [1]
+    assert client.get_run(state["mlflow_run_id"]).data.params["model.name"] == "cifar_resnet8"
+
+
+def test_a_job_runs_across_two_nodes(tmp_path):
+    script = textwrap.dedent(f"""
+        import ray
+        from ray.cluster_utils import Cluster
+        from pipelines.config import load_config
+        from pipelines.train import fit
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "include_dashboard": False}})
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address)
+        cfg = load_config({str(CONFIG)!r}, ["checkpoint.storage_path={tmp_path}", *{SMALL!r},
+                                            "schedule.epochs=1", "scaling.placement_strategy=STRICT_SPREAD"])
+        result = fit(cfg)
+        print("ERROR", result.error)
+        ray.shutdown()
+        cluster.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=400, env={**os.environ, "RAY_RESNET_HOME": str(tmp_path / "home")})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "2 workers on 2 node(s)" in out.stdout and "ERROR None" in out.stdout
 
 
 def test_step_schedule_by_epoch_and_by_iteration():
