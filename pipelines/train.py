@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -517,20 +518,26 @@ def check_cluster(cfg: Config) -> None:
 
 
 def start_ray(cfg: Config) -> None:
-    """Join the cluster in RAY_ADDRESS or a running local one (`ray start --head`); otherwise start
-    Ray here with enough logical CPUs for the workers plus decoding (a laptop's two cores can host
-    two 1-CPU workers and the decode tasks: they share the cores)."""
+    """Join the cluster in RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins the one
+    `ray start` made here); otherwise start Ray in this process with enough logical CPUs for the
+    workers plus decoding (a laptop's two cores can host two 1-CPU workers and the decode tasks:
+    they share the cores)."""
     import ray
     if ray.is_initialized():
         return
-    if "RAY_AUTH_MODE" not in os.environ and Path("~/.ray/auth_token").expanduser().exists():
-        os.environ["RAY_AUTH_MODE"] = "token"  # clusters from `ray start` (Ray 2.60) require the token
-    with contextlib.suppress(ConnectionError):
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if "RAY_AUTH_MODE" not in os.environ and Path("~/.ray/auth_token").expanduser().exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # clusters from `ray start` (Ray 2.60) require the token
+        host, _, port = address.rpartition(":")
+        if "://" not in address and port.isdigit():  # Ray retries a dead address for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as e:
+                raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); "
+                                  "unset it to start Ray here") from None
+        ray.init(address=address, log_to_driver=True)
         return
-    if os.environ.get("RAY_ADDRESS"):
-        raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}: no Ray cluster answers there, or it "
-                          "refused this machine's token (~/.ray/auth_token, RAY_AUTH_TOKEN)")
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2))
 

@@ -257,6 +257,9 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        current = Path("/tmp/ray/ray_current_cluster")  # `ray stop` would remove it, and stop every cluster
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()
     cfg = load_config(CONFIG, ["run.name=submitted"])
     state = load_state(fit_result_checkpoints(home / "runs" / "submitted")[0])
     from mlflow import MlflowClient
