@@ -34,6 +34,7 @@ from torch import nn
 from pipelines.config import HOME, Config, ConfigError, OptimSection, ScheduleSection, parse_cli
 from pipelines.data import build_datasets, epoch_batches, load_manifest, shards_dir, to_device
 from pipelines.shards import ShardError
+import resnet_models
 from resnet_models import build_model, model_stats
 
 # Metrics reported per epoch (ray.train.report, MLflow, the table), in table order.
@@ -52,8 +53,9 @@ def make_optimizer(model: nn.Module, optim: OptimSection, global_batch: int) -> 
     groups = [{"params": decay, "weight_decay": optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on GPUs
     return torch.optim.SGD(groups, lr=optim.lr * global_batch / optim.lr_batch,
-                           momentum=optim.momentum, nesterov=optim.nesterov)
+                           momentum=optim.momentum, nesterov=optim.nesterov, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: ScheduleSection) -> float:
@@ -302,6 +304,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating it if needed. With the embedded SQLite store the artifacts go
     beside it under RAY_RESNET_HOME, not into the working directory (a temporary copy under
     `ray job submit`)."""
+    if uri.startswith("sqlite:"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = mlflow_client(uri)
     found = client.get_experiment_by_name(name)
     if found:
@@ -407,7 +411,6 @@ def log_final(cfg: Config, result, uri: str) -> None:
         client.log_artifact(final["mlflow_run_id"], f"{d}/curves.png")
     example = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    import resnet_models
     with mlflow.start_run(run_id=final["mlflow_run_id"]):
         for name, state in (("best_model", best), ("final_model", final)):
             model = build_model(cfg.model, num_classes=state["num_classes"])
@@ -467,7 +470,10 @@ def preflight(cfg: Config) -> dict:
 
     previous = read_text(cfg.run_dir, "config.yaml")
     if previous is not None and has_checkpoints(cfg.run_dir):
-        old = Config.model_validate(yaml.safe_load(previous))
+        try:
+            old = Config.model_validate(yaml.safe_load(previous))
+        except (ValueError, yaml.YAMLError):  # written by another version: the checkpoint decides
+            old = cfg
         if old.model != cfg.model:
             changed = [f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in old.model
                        if getattr(cfg.model, k) != v]

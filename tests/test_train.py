@@ -108,16 +108,17 @@ def test_two_ddp_workers_take_the_same_steps_as_one_worker_with_the_whole_batch(
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("amp, channels_last, tol", [(None, True, 1e-4), (torch.bfloat16, False, 3e-2),
-                                                    (torch.bfloat16, True, 3e-2)])
-def test_bf16_autocast_and_channels_last_train_as_fp32_does(tmp_path, amp, channels_last, tol):
-    """The GPU defaults (bf16 autocast, NHWC), checked on CPU against fp32 NCHW: same losses over a
-    few steps, same weights, within the precision's tolerance."""
+@pytest.mark.parametrize("amp, channels_last, compile, tol", [
+    (None, True, False, 1e-4), (torch.bfloat16, False, False, 3e-2), (torch.bfloat16, True, False, 3e-2),
+    (None, False, True, 1e-4)])
+def test_bf16_channels_last_and_compile_train_as_fp32_does(tmp_path, amp, channels_last, compile, tol):
+    """The GPU defaults (bf16 autocast, NHWC) and torch.compile, checked on CPU against eager fp32
+    NCHW: the same losses over a few steps and the same weights, within the precision's tolerance."""
     cfg = small_cfg(tmp_path)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
 
-    def run(amp, channels_last):
+    def run(amp, channels_last, compile=False):
         torch.manual_seed(0)
         model = build_model("cifar_resnet8", num_classes=10)
         xx = x
@@ -125,12 +126,13 @@ def test_bf16_autocast_and_channels_last_train_as_fp32_does(tmp_path, amp, chann
             model, xx = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         opt = make_optimizer(model, cfg.optim, global_batch=32)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        steps = [train_step(model, opt, scaler, xx, y, cfg, amp) for _ in range(3)]
+        forward = torch.compile(model) if compile else model
+        steps = [train_step(forward, opt, scaler, xx, y, cfg, amp) for _ in range(3)]
         assert steps[0][0].dtype == (amp or torch.float32)  # autocast did run in that precision
         return [loss.item() for _, loss in steps], model.state_dict()
 
     ref_losses, ref = run(None, False)
-    losses, state = run(amp, channels_last)
+    losses, state = run(amp, channels_last, compile)
     assert losses == pytest.approx(ref_losses, rel=tol)
     assert ref_losses[-1] < ref_losses[0]
     for k in ref:
@@ -223,10 +225,13 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
     env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, metrics = free_port(), free_port(), free_port()
+    # every port its own: the test session's Ray already holds the defaults (the agent's 52365, ...)
+    gcs, dash, metrics, agent_http, agent_grpc, runtime_env, client = (free_port() for _ in range(7))
     head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+                             f"--ray-client-server-port={client}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -245,7 +250,7 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
                 [bin_dir / "ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
                  "--", "python", "-m", "pipelines.train", "--config", "ray_config.yaml", *SMALL,
                  "schedule.epochs=1", "run.name=submitted"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in job.stderr + job.stdout:
                 break
             time.sleep(2)
@@ -256,7 +261,10 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
             assert f'{gauge}{{' in scrape and 'run="submitted"' in scrape, gauge
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         current = Path("/tmp/ray/ray_current_cluster")  # `ray stop` would remove it, and stop every cluster
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
             current.unlink()

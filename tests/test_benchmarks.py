@@ -1,0 +1,17 @@
+"""The GPU benchmark's every path, run small on the CPU: it must work the day a GPU is lent."""
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "gpu_throughput.py", "--device", "cpu", "--smoke", "--workers", "1"],
+                         cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "RAY_RESNET_HOME": str(tmp_path)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()
+    for label in ("fp32", "bf16 autocast", "bf16 + channels_last", "a. decode on 1 CPU workers",
+                  "(smoke: the GPU-decode path run on cpu", "cifar_resnet20", "cifar_resnet56"):
+        assert any(line.lstrip().startswith(label) for line in lines), label
+    assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
