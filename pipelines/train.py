@@ -393,6 +393,21 @@ def load_state(checkpoint) -> dict:
         return torch.load(f"{d}/state.pt", map_location="cpu", weights_only=True)
 
 
+@contextlib.contextmanager
+def fluent_mlflow(uri: str):
+    """mlflow's fluent API (log_model needs it) on uri, and afterwards the process as it was:
+    set_tracking_uri also sets MLFLOW_TRACKING_URI, which later runs and child processes would inherit."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unsets the variable too
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def log_final(cfg: Config, result, uri: str) -> None:
     """Into the run's MLflow run: the best and final model, the training curves."""
     import mlflow
@@ -405,13 +420,12 @@ def log_final(cfg: Config, result, uri: str) -> None:
         return  # nothing trained since the models were logged
     best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"])[0] if result.best_checkpoints else None
     best = load_state(best) if best else final
-    mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as d:
         curves_png(final["history"], f"{cfg.model.name} ({cfg.run.name})", f"{d}/curves.png")
         client.log_artifact(final["mlflow_run_id"], f"{d}/curves.png")
     example = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    with mlflow.start_run(run_id=final["mlflow_run_id"]):
+    with fluent_mlflow(uri), mlflow.start_run(run_id=final["mlflow_run_id"]):
         for name, state in (("best_model", best), ("final_model", final)):
             model = build_model(cfg.model, num_classes=state["num_classes"])
             model.load_state_dict(state["model"])

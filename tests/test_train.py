@@ -41,7 +41,9 @@ def epochs_logged(client, run_id) -> list[int]:
 
 def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session):
     cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     first = load_state(fit(cfg).checkpoint)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # logging the models leaves no trace behind
     assert first["epoch"] == 1 and len(first["history"]) == 1
     row = first["history"][0]
     assert row["train_error"] < 0.9 and row["images_per_s"] > 0 and 0 <= row["data_wait"] <= 1
@@ -225,6 +227,7 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
     env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     # every port its own: the test session's Ray already holds the defaults (the agent's 52365, ...)
     gcs, dash, metrics, agent_http, agent_grpc, runtime_env, client = (free_port() for _ in range(7))
     head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
