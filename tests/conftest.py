@@ -32,10 +32,11 @@ def ray_session():
     """One local Ray instance for the whole test session (starting Ray costs 5-10 s).
 
     4 logical CPUs on any machine: two 1-CPU Train workers must leave CPUs for Ray Data's decode
-    tasks, or the input never arrives.
+    tasks, or the input never arrives. With the dashboard: Ray Train's placement-group cleaner asks
+    its state API, and without it a trial stopped by ASHA leaks its workers' CPUs.
     """
     import ray
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

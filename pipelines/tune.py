@@ -1,0 +1,293 @@
+"""Search depth x learning rate (and the papers' other axes) on Ray Tune:
+    python -m pipelines.tune --config ray_config.yaml [key=value ...]
+
+Reads top to bottom: config (tune.space: dotted key -> values, every combination validated) ->
+MLflow parent run -> Tuner: each trial is one distributed training (pipelines.train.fit, a
+TorchTrainer reporting through TuneReportCallback), ASHA stops the weak ones on validation error ->
+results table and plots into the parent run -> the best configuration and the command that
+trains it fully.
+
+A sweep started again with the same tune.name restores Tune's state (Tuner.restore) and continues;
+each trial's training resumes from its own checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.config import Config, ConfigError, parse_cli, set_dotted
+from pipelines.train import (ensure_experiment, fit, flat_params, mlflow_client, quiet_ray_data, read_text,
+                             save_text, start_ray)
+
+
+def varying(cfg: Config) -> list[str]:
+    """The searched keys; a key with one value only fixes a setting for the sweep (e.g. its epochs)."""
+    return [k for k, values in cfg.tune.space.items() if len(values) > 1]
+
+
+def trial_config(base: Config, params: dict, trial_id: str) -> Config:
+    """The base config with one trial's values; its checkpoints under <storage>/<tune.name>/."""
+    raw = base.model_dump(mode="json", exclude={"tune"})
+    for key, value in params.items():
+        set_dotted(raw, key, value)
+    label = ",".join(f"{k.rsplit('.', 1)[-1]}={params[k]}" for k in varying(base))
+    raw["run"]["name"] = f"{trial_id}-{label}" if label else trial_id
+    raw["checkpoint"]["storage_path"] = sweep_dir(base)
+    return Config.model_validate({**raw, "tune": {"space": {}}})
+
+
+def sweep_dir(cfg: Config) -> str:
+    return f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.tune.name}"
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base = Config.model_validate(config["base"])
+    params = {k: config[k] for k in config["keys"]}
+    cfg = trial_config(base, params, tune.get_context().get_trial_id())
+    quiet_ray_data()
+    fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"])
+
+
+TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer, which holds the real resources
+
+
+def per_trial_resources(cfg: Config) -> tuple[float, float]:
+    """CPUs and GPUs one trial holds: its workers, one CPU for its Ray Data decoding, its driver."""
+    sc = cfg.scaling
+    return sc.num_workers * sc.cpus_per_worker + 1 + TRIAL_CPU, sc.num_workers * sc.gpus_per_worker
+
+
+def concurrency(cfg: Config) -> int:
+    """As many trials at once as the cluster holds without oversubscribing (or tune.max_concurrent_trials)."""
+    import ray
+    total = ray.cluster_resources()
+    cpus, gpus = per_trial_resources(cfg)
+    fit_cpu = int(total.get("CPU", 0) // cpus)
+    fit_gpu = int(total.get("GPU", 0) // gpus) if gpus else fit_cpu
+    most = max(min(fit_cpu, fit_gpu), 1)
+    return min(most, cfg.tune.max_concurrent_trials or most)
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+    choose = tune.grid_search if cfg.tune.search == "grid" else tune.choice
+    return {key: choose(values) for key, values in cfg.tune.space.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
+    """An MLflow server over the embedded SQLite store: parallel trials then write through one
+    process instead of locking the database file against each other."""
+    import urllib.request
+    port = free_port()
+    db = uri.removeprefix("sqlite:///")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                             "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            return url, proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise ConfigError(f"mlflow.tracking_uri={uri}: could not start a local MLflow server for "
+                                  "parallel trials; set MLFLOW_TRACKING_URI to a tracking server") from None
+            time.sleep(1)
+
+
+def _epochs(cfg: Config, trial: dict) -> int:
+    return int(trial.get("schedule.epochs", cfg.schedule.epochs))
+
+
+def to_markdown(rows: list[dict]) -> str:
+    keys = list(rows[0]) if rows else []
+    def fmt(key, v):
+        return f"{v:.2%}" if key == "best_val_error" else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    if rows:
+        w = csv.DictWriter(out, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out.getvalue()
+
+
+def plots(grid, rows: list[dict], cfg: Config, directory: str) -> list[str]:
+    """best validation error against depth, one line per learning rate; all trials' curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    if "model.depth" in varying(cfg):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        other = [k for k in varying(cfg) if k != "model.depth"]
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(tuple(r[k] for k in other), []).append((r["model.depth"], r["best_val_error"]))
+        for key, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            points.sort()
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(other, key)) or "all"
+            ax.plot([d for d, _ in points], [100 * e for _, e in points], marker="o", label=label)
+        ax.set(xlabel="depth", ylabel="best validation error (%)", title=f"{cfg.tune.name}: error against depth")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(f"{directory}/error_vs_depth.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(grid):
+        df = r.metrics_dataframe
+        if df is None or "val_error" not in df:
+            continue
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={r.config[k]}" for k in varying(cfg))
+        ax.plot(df["epoch"], 100 * df["train_error"], lw=1, color=f"C{i % 10}")
+        ax.plot(df["epoch"], 100 * df["val_error"], lw=2.5, color=f"C{i % 10}", label=label)
+    ax.set(xlabel="epoch", ylabel="error (%)", title=f"{cfg.tune.name}: training (thin) and validation (bold)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{directory}/curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def sweep(cfg: Config):
+    """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not cfg.tune.space:
+        raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
+    quiet_ray_data()
+    start_ray(cfg)
+    limit = concurrency(cfg)
+    uri = cfg.mlflow.resolved_uri()
+    server = None
+    if limit > 1 and uri.startswith("sqlite:"):
+        uri, server = local_tracking_server(uri)
+        print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
+    base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
+    try:
+        return _sweep(base, cfg, uri, limit, tune, ASHAScheduler)
+    finally:
+        if server:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, tune, ASHAScheduler):
+    client = mlflow_client(uri)
+    experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
+    directory = sweep_dir(cfg)
+    parent = read_text(directory, "mlflow_parent_run_id")
+    if parent:
+        client.update_run(parent.strip(), status="RUNNING")
+        parent = parent.strip()
+    else:
+        parent = client.create_run(experiment_id, run_name=cfg.tune.name).info.run_id
+        from mlflow.entities import Param
+        items = [Param(f"tune.{k}", v) for k, v in flat_params(cfg.tune.model_dump(mode="json")).items()]
+        client.log_batch(parent, params=items)
+        client.log_text(parent, cfg.to_yaml(), "config.yaml")
+        save_text(directory, "mlflow_parent_run_id", parent)
+
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
+             **search_space(cfg)}
+    max_t = max(_epochs(cfg, {"schedule.epochs": e}) for e in cfg.tune.space.get("schedule.epochs",
+                                                                                 [cfg.schedule.epochs]))
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
+                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    path = directory
+    run_config = tune.RunConfig(name="tuner", storage_path=path)
+    t0 = time.time()
+    if tune.Tuner.can_restore(f"{path}/tuner"):
+        print(f"resuming sweep {cfg.tune.name} from {path}/tuner", flush=True)
+        tuner = tune.Tuner.restore(f"{path}/tuner", trainable=trainable, param_space=space,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=cfg.tune.num_samples,
+                                                       max_concurrent_trials=limit))
+    print(f"sweep {cfg.tune.name}: {math.prod(len(v) for v in cfg.tune.space.values()) * cfg.tune.num_samples}"
+          f" trials, {limit} at a time, ASHA on val_error (grace {cfg.tune.grace_period}, "
+          f"reduction {cfg.tune.reduction_factor})", flush=True)
+    grid = tuner.fit()
+
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        values = {k: r.config[k] for k in cfg.tune.space}
+        shown = {k: r.config[k] for k in varying(cfg)}
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+        planned = _epochs(cfg, r.config)
+        rows.append({**shown,
+                     "best_val_error": float(df["val_error"].min()) if epochs else math.nan,
+                     "epochs": epochs, "stopped_early": r.error is None and epochs < planned,
+                     "error": type(r.error).__name__ if r.error else "",
+                     "wall_time_s": round(float(df["time_total_s"].max()), 1) if epochs else 0.0,
+                     "trial": (r.metrics or {}).get("trial_id", "")})
+        trial_id = (r.metrics or {}).get("trial_id")
+        child = trial_id and read_text(directory, f"{trial_config(cfg, values, trial_id).run.name}/mlflow_run_id")
+        if child:  # a trial ASHA stopped never ended its run
+            status = "FAILED" if r.error else ("KILLED" if epochs < planned else "FINISHED")
+            client.set_terminated(child.strip(), status)
+    rows.sort(key=lambda row: (math.isnan(row["best_val_error"]), row["best_val_error"]))
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "results.csv").write_text(to_csv(rows))
+        Path(d, "results.md").write_text(to_markdown(rows))
+        for p in [f"{d}/results.csv", f"{d}/results.md", *plots(grid, rows, cfg, d)]:
+            client.log_artifact(parent, p)
+    if rows and not math.isnan(rows[0]["best_val_error"]):
+        client.log_metric(parent, "best_val_error", rows[0]["best_val_error"])
+    client.set_terminated(parent, "FINISHED")
+    print(f"\n{to_markdown(rows)}\nsweep {cfg.tune.name} took {time.time() - t0:.0f} s; MLflow parent run {parent}")
+    return rows, grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(argv, "Search the tune.space of ray_config.yaml with Ray Tune and ASHA.")
+    try:
+        rows, _ = sweep(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not rows or math.isnan(rows[0]["best_val_error"]):
+        print("no trial finished an epoch", file=sys.stderr)
+        raise SystemExit(1)
+    best = rows[0]
+    overrides = " ".join(f"{k}={best[k]}" for k in varying(cfg))
+    print(f"best: {overrides}: validation error {best['best_val_error']:.2%} after {best['epochs']} epochs\n"
+          f"train it fully:  python -m pipelines.train --config ray_config.yaml {overrides} "
+          f"run.name={cfg.tune.name}-best")
+
+
+if __name__ == "__main__":
+    main()
