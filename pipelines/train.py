@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from ray.train import DataConfig
 from torch import nn
 
 from pipelines.config import HOME, Config, ConfigError, OptimSection, ScheduleSection, parse_cli
@@ -388,6 +389,11 @@ def curves_png(history: list[dict], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def best_checkpoint(result):
+    """(checkpoint, metrics) of the lowest validation error among those kept, or None."""
+    return min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"]) if result.best_checkpoints else None
+
+
 def load_state(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
         return torch.load(f"{d}/state.pt", map_location="cpu", weights_only=True)
@@ -418,8 +424,8 @@ def log_final(cfg: Config, result, uri: str) -> None:
     client = mlflow_client(uri)
     if client.get_run(final["mlflow_run_id"]).data.metrics.get("final_epoch") == final["epoch"]:
         return  # nothing trained since the models were logged
-    best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"])[0] if result.best_checkpoints else None
-    best = load_state(best) if best else final
+    best = best_checkpoint(result)
+    best = load_state(best[0]) if best else final
     with tempfile.TemporaryDirectory() as d:
         curves_png(final["history"], f"{cfg.model.name} ({cfg.run.name})", f"{d}/curves.png")
         client.log_artifact(final["mlflow_run_id"], f"{d}/curves.png")
@@ -493,8 +499,8 @@ def preflight(cfg: Config) -> dict:
                        if getattr(cfg.model, k) != v]
             raise ConfigError(f"run.name={cfg.run.name}: {cfg.run_dir} holds checkpoints of another "
                               f"model ({'; '.join(changed)}); choose a new run.name to train this one")
-        diff = [k for k, v in flat_params(cfg.model_dump(mode="json")).items()
-                if flat_params(old.model_dump(mode="json")).get(k) != v]
+        before = flat_params(old.model_dump(mode="json"))
+        diff = [k for k, v in flat_params(cfg.model_dump(mode="json")).items() if before.get(k) != v]
         print(f"resuming run {cfg.run.name} from its latest checkpoint in {cfg.run_dir}"
               + (f"; changed since: {', '.join(diff)}" if diff else ""), flush=True)
     try:
@@ -562,31 +568,27 @@ def start_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2))
 
 
-class Ingest:
+class Ingest(DataConfig):
     """How the datasets reach the workers: training split equally (every worker must take the same
     number of DDP steps), validation split unequally so that no image is dropped."""
 
-    def __new__(cls, deterministic: bool):
-        from ray.train import DataConfig
-
-        class _Ingest(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                # Ray Train calls this once per dataset.
-                out = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
-                                        worker_handles, worker_node_ids, **kwargs)
-                if "val" in datasets:
-                    val = datasets["val"]
-                    val.context.execution_options = self._resolve_execution_options("val")
-                    for i, split in enumerate(val.streaming_split(world_size, equal=False,
-                                                                   locality_hints=worker_node_ids)):
-                        out[i]["val"] = split
-                return out
-
+    def __init__(self, deterministic: bool):
         with warnings.catch_warnings():  # Ray's own defaults trip its exclude_resources deprecation
             warnings.simplefilter("ignore")
             options = copy.deepcopy(DataConfig.default_ingest_options())
         options.preserve_order = deterministic
-        return _Ingest(execution_options=options)
+        super().__init__(execution_options=options)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train calls this once per dataset.
+        out = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
+                                worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"]
+            val.context.execution_options = self._resolve_execution_options("val")
+            for i, split in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                out[i]["val"] = split
+        return out
 
 
 def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None):
@@ -650,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     if result.checkpoint is None:
         return
-    best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"]) if result.best_checkpoints else None
+    best = best_checkpoint(result)
     last = load_state(result.checkpoint)
     print(f"done: {last['epoch']} epochs; final val error {last['history'][-1]['val_error']:.2%}"
           + (f", best {best[1]['val_error']:.2%} (epoch {best[1]['epoch']}, {best[0].path})" if best else "")

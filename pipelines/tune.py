@@ -180,9 +180,6 @@ def plots(grid, rows: list[dict], cfg: Config, directory: str) -> list[str]:
 
 def sweep(cfg: Config):
     """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
     quiet_ray_data()
@@ -195,14 +192,17 @@ def sweep(cfg: Config):
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
-        return _sweep(base, cfg, uri, limit, tune, ASHAScheduler)
+        return _sweep(base, cfg, uri, limit)
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int, tune, ASHAScheduler):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
     directory = sweep_dir(cfg)
@@ -221,23 +221,22 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, tune, ASHAScheduler)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
-    max_t = max(_epochs(cfg, {"schedule.epochs": e}) for e in cfg.tune.space.get("schedule.epochs",
-                                                                                 [cfg.schedule.epochs]))
+    max_t = max(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))
     scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
                               grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
-    path = directory
-    run_config = tune.RunConfig(name="tuner", storage_path=path)
+    run_config = tune.RunConfig(name="tuner", storage_path=directory)
     t0 = time.time()
-    if tune.Tuner.can_restore(f"{path}/tuner"):
-        print(f"resuming sweep {cfg.tune.name} from {path}/tuner", flush=True)
-        tuner = tune.Tuner.restore(f"{path}/tuner", trainable=trainable, param_space=space,
+    if tune.Tuner.can_restore(f"{directory}/tuner"):
+        print(f"resuming sweep {cfg.tune.name} from {directory}/tuner", flush=True)
+        tuner = tune.Tuner.restore(f"{directory}/tuner", trainable=trainable, param_space=space,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                                        max_concurrent_trials=limit))
-    print(f"sweep {cfg.tune.name}: {math.prod(len(v) for v in cfg.tune.space.values()) * cfg.tune.num_samples}"
-          f" trials, {limit} at a time, ASHA on val_error (grace {cfg.tune.grace_period}, "
+    trials = cfg.tune.num_samples * (math.prod(len(v) for v in cfg.tune.space.values())
+                                     if cfg.tune.search == "grid" else 1)
+    print(f"sweep {cfg.tune.name}: {trials} trials, {limit} at a time, ASHA on val_error (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})", flush=True)
     grid = tuner.fit()
 
