@@ -152,12 +152,23 @@ class MlflowSection(Section):
                 or f"sqlite:///{HOME / 'mlflow.db'}")
 
 
+# A range to draw from in a random search: {"loguniform": [0.01, 0.5]} or {"uniform": [0.0, 1e-3]}
+Range = dict[Literal["loguniform", "uniform"], tuple[float, float]]
+
+
+def candidates(values: list | dict) -> list:
+    """What a sweep key may take, as far as validation goes: its values, or a range's two ends."""
+    return list(next(iter(values.values()))) if isinstance(values, dict) else values
+
+
 class TuneSection(Section):
     name: str = Field("depth-sweep", min_length=1)
-    # Dotted config key -> the values to try, e.g. {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
-    space: dict[str, list[Any]] = {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
-    search: Literal["grid", "random"] = "grid"
-    num_samples: int = Field(1, ge=1)        # grid: repeats of the grid; random: trials
+    # Dotted config key -> the values to try, e.g. {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]},
+    # or a range for random search, e.g. {"optim.lr": {"loguniform": [0.01, 0.5]}}
+    space: dict[str, list[Any] | Range] = {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
+    search: Literal["grid", "random", "optuna"] = "grid"  # optuna: pip install 'ray-resnet[optuna]'
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs all its epochs (experiments)
+    num_samples: int = Field(1, ge=1)        # grid: repeats of the grid; random, optuna: trials
     grace_period: int = Field(1, ge=1)       # ASHA: epochs before a trial may be stopped
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster fits
@@ -167,6 +178,16 @@ class TuneSection(Section):
         for key, values in self.space.items():
             if not values:
                 raise ValueError(f"space.{key}=[]: give at least one value to try")
+            if isinstance(values, dict):
+                if len(values) != 1:
+                    raise ValueError(f"space.{key}={values}: one range, e.g. {{loguniform: [0.01, 0.5]}}")
+                (kind, (lo, hi)), = values.items()
+                if not lo < hi or (kind == "loguniform" and lo <= 0):
+                    raise ValueError(f"space.{key}={{{kind}: [{lo}, {hi}]}}: needs low < high"
+                                     + (" and low > 0" if kind == "loguniform" else ""))
+                if self.search == "grid":
+                    raise ValueError(f"space.{key}: a range ({kind}) needs search=random or optuna; "
+                                     "a grid takes a list of values")
         return self
 
 
@@ -190,15 +211,16 @@ class Config(Section):
         for key in space:
             if key.split(".")[0] == "tune":
                 raise ValueError(f"tune.space.{key}: a sweep cannot vary the tune section")
-        if math.prod(len(v) for v in space.values()) > MAX_CHECKED_TRIALS:
-            raise ValueError(f"tune.space: {math.prod(len(v) for v in space.values()):,} combinations; "
+        values = [candidates(v) for v in space.values()]
+        if math.prod(len(v) for v in values) > MAX_CHECKED_TRIALS:
+            raise ValueError(f"tune.space: {math.prod(len(v) for v in values):,} combinations; "
                              f"at most {MAX_CHECKED_TRIALS:,} (each is validated before the sweep)")
         base = self.model_dump(exclude={"tune"})
-        for combo in itertools.product(*space.values()):
+        for combo in itertools.product(*values):
             raw = copy.deepcopy(base)
             try:
                 for key, value in zip(space, combo):
-                    set_dotted(raw, key, value)
+                    set_trial_value(raw, key, value)
                 Config.model_validate({**raw, "tune": {"space": {}}})
             except (ConfigError, ValidationError) as e:
                 why = e if isinstance(e, ConfigError) else explain(e)
@@ -249,6 +271,16 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
         raise ConfigError(f"{key} is a section; override one of its keys, e.g. {key}."
                           f"{next(iter(Config.model_fields[key].annotation.model_fields))}=...")
     node[parts[-1]] = value
+
+
+def set_trial_value(raw: dict, key: str, value: Any) -> None:
+    """One sweep value: a dotted key's value, or, for a section such as "model", a set of its keys
+    that go together (e.g. {"unit": "full_preact"} beside {"shortcut_variant": "conv1x1"})."""
+    if key in Config.model_fields and isinstance(value, dict):
+        for sub, v in value.items():
+            set_dotted(raw, f"{key}.{sub}", v)
+    else:
+        set_dotted(raw, key, value)
 
 
 def _schema_at(loc: tuple) -> type[BaseModel] | None:
@@ -322,8 +354,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise ConfigError(explain(e)) from None
 
 
-def parse_cli(argv: list[str] | None, description: str) -> Config:
-    """--config PATH, --print-config and key=value overrides; exits with a message on a mistake."""
+def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
+    """--config PATH, --print-config and key=value overrides; exits with a message on a mistake.
+
+    preset(cfg) -> overrides: settings an entry point derives from the config (an experiment's grid
+    for the config's model family), applied before the command line's own overrides.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="ray_config.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -331,7 +367,11 @@ def parse_cli(argv: list[str] | None, description: str) -> Config:
                         help="dotted overrides, e.g. model.depth=56 optim.lr=0.05")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if preset:  # the file's own tune.space may not suit the family the command line picks
+            cfg = load_config(args.config, [*preset(load_config(args.config, ["tune.space={}", *args.overrides])),
+                                            *args.overrides])
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {args.config}: {e}".replace("\n", f"\nerror: {args.config}: "), file=sys.stderr)
         raise SystemExit(2) from None

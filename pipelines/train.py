@@ -186,13 +186,17 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         tracker = Tracker(config["mlflow_uri"], run_id)
         tracker.log_epochs(history)  # epochs checkpointed before a failure but not yet logged
-        say(f"{cfg.model.name}: {world} workers on {nodes} node(s), {device.type}, global batch "
+        say(f"{cfg.run.name}: {cfg.model.name}: {world} workers on {nodes} node(s), {device.type}, global batch "
             f"{data.batch_size}; epochs {epoch + 1}..{s.epochs}" + (" (resumed)" if epoch else ""))
         say(header())
 
-    if rank == 0 and epoch >= s.epochs:
-        say(f"run {cfg.run.name} has trained its {epoch} epochs already: raise schedule.epochs to train "
-            "on, or choose a new run.name")
+    if epoch >= s.epochs and history:
+        if rank == 0:
+            say(f"run {cfg.run.name} has trained its {epoch} epochs already: raise schedule.epochs to train "
+                "on, or choose a new run.name")
+        # Report the last epoch again: a sweep killed after this trial finished but before Tune
+        # recorded it runs the trial again, and Tune needs its result.
+        ray.train.report(history[-1])
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     while epoch < s.epochs:
         epoch += 1
@@ -245,7 +249,7 @@ def train_loop(config: dict) -> None:
                             "num_classes": config["num_classes"], "config": config["cfg"]}, f"{d}/state.pt")
             ray.train.report(row, checkpoint=Checkpoint.from_directory(d))
         gauges.set(images_per_s=(sums[2].item()) / train_time, train_loss=sums[0].item() / max(sums[2].item(), 1),
-                   data_wait=waited / train_time)
+                   data_wait=waited / train_time, val_error=row["val_error"])
         if tracker:
             tracker.log_epochs(history)
             say(table_row(row))
@@ -278,7 +282,7 @@ def table_row(r: dict) -> str:
 
 
 class Gauges:
-    """Dashboard metrics on Ray's Prometheus endpoint: ray_resnet_{images_per_s,train_loss,data_wait}."""
+    """Dashboard metrics on Ray's Prometheus endpoint: ray_resnet_{images_per_s,train_loss,data_wait,val_error}."""
 
     def __init__(self, run: str, rank: int):
         from ray.util.metrics import Gauge
@@ -286,7 +290,8 @@ class Gauges:
         self.gauges = {name: Gauge(f"resnet_{name}", description=text, tag_keys=("run", "rank"))
                        for name, text in [("images_per_s", "training images per second, this worker"),
                                           ("train_loss", "mean training loss of the last epoch, this worker"),
-                                          ("data_wait", "share of the last epoch spent waiting for input")]}
+                                          ("data_wait", "share of the last epoch spent waiting for input"),
+                                          ("val_error", "top-1 validation error after the last epoch (all workers)")]}
 
     def set(self, **values: float) -> None:
         for name, value in values.items():
@@ -429,7 +434,8 @@ def log_final(cfg: Config, result, uri: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         curves_png(final["history"], f"{cfg.model.name} ({cfg.run.name})", f"{d}/curves.png")
         client.log_artifact(final["mlflow_run_id"], f"{d}/curves.png")
-    example = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
+    # two images: MLflow exports the model with torch.export, which fixes a batch dimension of 1
+    example = torch.zeros(2, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]
     with fluent_mlflow(uri), mlflow.start_run(run_id=final["mlflow_run_id"]):
         for name, state in (("best_model", best), ("final_model", final)):
@@ -565,7 +571,37 @@ def start_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2))
+    init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2))
+
+
+def init_local_ray(**options) -> None:
+    """ray.init a new local instance whose processes ask their own dashboard's state API.
+
+    Ray Train's placement-group cleaner looks the cluster up from the machine's Ray instances; with
+    two on one machine (a test cluster beside a `ray start`) it raises "Found multiple active Ray
+    instances", and a trial stopped by ASHA or a killed run then keeps its workers' CPUs. The
+    processes ray.init starts inherit this environment, so naming the dashboard while it starts
+    them pins them to this instance; afterwards the variable goes, lest this process's children
+    (another cluster's `ray start`) inherit it too.
+    """
+    import ray
+    port = free_port()
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 **options)
+    finally:
+        if before is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Ingest(DataConfig):

@@ -15,30 +15,41 @@ from __future__ import annotations
 import csv
 import io
 import math
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipelines.config import Config, ConfigError, parse_cli, set_dotted
-from pipelines.train import (ensure_experiment, fit, flat_params, mlflow_client, quiet_ray_data, read_text,
-                             save_text, start_ray)
+from pipelines.config import Config, ConfigError, candidates, parse_cli, set_trial_value
+from pipelines.train import (ensure_experiment, fit, flat_params, free_port, mlflow_client, quiet_ray_data,
+                             read_text, save_text, start_ray)
 
 
 def varying(cfg: Config) -> list[str]:
     """The searched keys; a key with one value only fixes a setting for the sweep (e.g. its epochs)."""
-    return [k for k, values in cfg.tune.space.items() if len(values) > 1]
+    return [k for k, values in cfg.tune.space.items() if isinstance(values, dict) or len(values) > 1]
+
+
+def short(value) -> str:
+    if isinstance(value, dict):  # a set of keys that go together: {"unit": "full_preact"}
+        return ",".join(f"{k}={short(v)}" for k, v in value.items())
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def label(params: dict, keys: list[str]) -> str:
+    """What tells one trial from another: "depth=20,lr=0.1", "depth=110,unit=full_preact"."""
+    return ",".join(short(params[k]) if isinstance(params[k], dict) else f"{k.rsplit('.', 1)[-1]}={short(params[k])}"
+                    for k in keys)
 
 
 def trial_config(base: Config, params: dict, trial_id: str) -> Config:
     """The base config with one trial's values; its checkpoints under <storage>/<tune.name>/."""
     raw = base.model_dump(mode="json", exclude={"tune"})
     for key, value in params.items():
-        set_dotted(raw, key, value)
-    label = ",".join(f"{k.rsplit('.', 1)[-1]}={params[k]}" for k in varying(base))
-    raw["run"]["name"] = f"{trial_id}-{label}" if label else trial_id
+        set_trial_value(raw, key, value)
+    name = label(params, varying(base))
+    raw["run"]["name"] = f"{trial_id}-{name}" if name else trial_id
     raw["checkpoint"]["storage_path"] = sweep_dir(base)
     return Config.model_validate({**raw, "tune": {"space": {}}})
 
@@ -79,16 +90,25 @@ def concurrency(cfg: Config) -> int:
     return min(most, cfg.tune.max_concurrent_trials or most)
 
 
+def searcher(cfg: Config):
+    """Optuna's TPE (through Ray's integration) for search=optuna; None: Tune's own grid or random draws."""
+    if cfg.tune.search != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401  (Ray's module imports without it)
+    except ImportError:
+        raise ConfigError("tune.search=optuna: Optuna is not installed; pip install 'optuna>=4' "
+                          "(or the project's [optuna] extra), or use search=random") from None
+    return OptunaSearch(metric="val_error", mode="min", seed=cfg.run.seed)
+
+
 def search_space(cfg: Config) -> dict:
     from ray import tune
     choose = tune.grid_search if cfg.tune.search == "grid" else tune.choice
-    return {key: choose(values) for key, values in cfg.tune.space.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    draw = {"loguniform": tune.loguniform, "uniform": tune.uniform}
+    return {key: draw[next(iter(values))](*next(iter(values.values()))) if isinstance(values, dict)
+            else choose(values) for key, values in cfg.tune.space.items()}
 
 
 def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
@@ -145,14 +165,14 @@ def plots(grid, rows: list[dict], cfg: Config, directory: str) -> list[str]:
     paths = []
     if "model.depth" in varying(cfg):
         fig, ax = plt.subplots(figsize=(6, 4))
-        other = [k for k in varying(cfg) if k != "model.depth"]
+        other = [k for k in varying(cfg) if k != "model.depth" and isinstance(cfg.tune.space[k], list)]
         groups: dict = {}
         for r in rows:
-            groups.setdefault(tuple(r[k] for k in other), []).append((r["model.depth"], r["best_val_error"]))
-        for key, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            groups.setdefault(label(r, other) or "all", []).append(
+                (r["model.depth"], r["best_val_error"]))
+        for name, points in sorted(groups.items()):
             points.sort()
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(other, key)) or "all"
-            ax.plot([d for d, _ in points], [100 * e for _, e in points], marker="o", label=label)
+            ax.plot([d for d, _ in points], [100 * e for _, e in points], marker="o", label=name)
         ax.set(xlabel="depth", ylabel="best validation error (%)", title=f"{cfg.tune.name}: error against depth")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -165,9 +185,8 @@ def plots(grid, rows: list[dict], cfg: Config, directory: str) -> list[str]:
         df = r.metrics_dataframe
         if df is None or "val_error" not in df:
             continue
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={r.config[k]}" for k in varying(cfg))
         ax.plot(df["epoch"], 100 * df["train_error"], lw=1, color=f"C{i % 10}")
-        ax.plot(df["epoch"], 100 * df["val_error"], lw=2.5, color=f"C{i % 10}", label=label)
+        ax.plot(df["epoch"], 100 * df["val_error"], lw=2.5, color=f"C{i % 10}", label=label(r.config, varying(cfg)))
     ax.set(xlabel="epoch", ylabel="error (%)", title=f"{cfg.tune.name}: training (thin) and validation (bold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -182,12 +201,16 @@ def sweep(cfg: Config):
     """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
+    searcher(cfg)  # a missing Optuna, said before anything starts
     quiet_ray_data()
     start_ray(cfg)
     limit = concurrency(cfg)
     uri = cfg.mlflow.resolved_uri()
     server = None
     if limit > 1 and uri.startswith("sqlite:"):
+        # The experiment made over SQLite first: its runs then keep file artifact paths, which
+        # resolve after the server is gone (a server would make them mlflow-artifacts:/ URIs).
+        ensure_experiment(uri, cfg.mlflow.experiment)
         uri, server = local_tracking_server(uri)
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
@@ -201,7 +224,7 @@ def sweep(cfg: Config):
 
 def _sweep(base: Config, cfg: Config, uri: str, limit: int):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
@@ -221,9 +244,13 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int):
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
-    max_t = max(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
-                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    max_t = int(max(candidates(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))))
+    if cfg.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
+                                  grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+        stopping = f"ASHA on val_error (grace {cfg.tune.grace_period}, reduction {cfg.tune.reduction_factor})"
+    else:
+        scheduler, stopping = FIFOScheduler(), "every trial runs all its epochs"
     run_config = tune.RunConfig(name="tuner", storage_path=directory)
     t0 = time.time()
     if tune.Tuner.can_restore(f"{directory}/tuner"):
@@ -232,19 +259,19 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int):
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=cfg.tune.num_samples,
+                           tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher(cfg),
+                                                       num_samples=cfg.tune.num_samples,
                                                        max_concurrent_trials=limit))
     trials = cfg.tune.num_samples * (math.prod(len(v) for v in cfg.tune.space.values())
                                      if cfg.tune.search == "grid" else 1)
-    print(f"sweep {cfg.tune.name}: {trials} trials, {limit} at a time, ASHA on val_error (grace {cfg.tune.grace_period}, "
-          f"reduction {cfg.tune.reduction_factor})", flush=True)
+    print(f"sweep {cfg.tune.name}: {trials} trials, {limit} at a time, {stopping}", flush=True)
     grid = tuner.fit()
 
     rows = []
     for r in grid:
         df = r.metrics_dataframe
         values = {k: r.config[k] for k in cfg.tune.space}
-        shown = {k: r.config[k] for k in varying(cfg)}
+        shown = {k: short(r.config[k]) if isinstance(r.config[k], dict) else r.config[k] for k in varying(cfg)}
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         planned = _epochs(cfg, r.config)
         rows.append({**shown,

@@ -31,12 +31,14 @@ def run_cli(tmp_path):
 def ray_session():
     """One local Ray instance for the whole test session (starting Ray costs 5-10 s).
 
-    4 logical CPUs on any machine: two 1-CPU Train workers must leave CPUs for Ray Data's decode
-    tasks, or the input never arrives. With the dashboard: Ray Train's placement-group cleaner asks
-    its state API, and without it a trial stopped by ASHA leaks its workers' CPUs.
+    5 logical CPUs on any machine: two 1-CPU Train workers must leave CPUs for Ray Data's decode
+    tasks, or the input never arrives; and two sweep trials of one worker each (2.01 CPUs) fit at
+    once. With the dashboard: Ray Train's placement-group cleaner asks its state API, and without
+    it a trial stopped by ASHA leaks its workers' CPUs.
     """
     import ray
+    from pipelines.train import init_local_ray
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
+        init_local_ray(num_cpus=5, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -47,6 +47,11 @@ def test_dotted_overrides_are_typed():
      "model.shortcut=C, model.shortcut_variant=exclusive_gating is invalid"),
     (["tune.space.optim.lrr=[0.1]"], "optim.lrr: unknown key; did you mean lr?"),
     (["tune.space.tune.name=[x]"], "tune.space.tune.name: a sweep cannot vary the tune section"),
+    (["tune.space.optim.lr={loguniform: [0.01, 0.5]}"],
+     "tune.space.optim.lr: a range (loguniform) needs search=random or optuna"),
+    (["tune.search=random", "tune.space.optim.lr={loguniform: [0, 0.5]}"], "needs low < high and low > 0"),
+    (["tune.search=random", "tune.space.optim.momentum={uniform: [0.5, 1.0]}"],  # a range's ends are trials
+     "optim.momentum=1.0: Input should be less than 1"),
     (["model"], "override 'model': write overrides as key=value"),
     (["model=resnet50"], "model is a section; override one of its keys"),
 ])
@@ -104,3 +109,15 @@ def test_string_values_stay_strings_and_empty_sections_take_defaults(tmp_path):
     f.write_text("model:\nrun:\n  name: x\n")
     cfg = load_config(f, ["model.depth=32"])
     assert cfg.model.depth == 32 and cfg.run.name == "x"
+
+
+def test_a_random_search_draws_a_log_uniform_learning_rate_within_its_range():
+    from ray.tune.search.sample import Float
+    from pipelines.tune import search_space, varying
+    cfg = load_config(CONFIG, ["tune.search=random", "tune.space.optim.lr={loguniform: [0.01, 0.5]}"])
+    assert cfg.tune.space["optim.lr"] == {"loguniform": (0.01, 0.5)} and "optim.lr" in varying(cfg)
+    lr = search_space(cfg)["optim.lr"]
+    assert isinstance(lr, Float) and lr.lower == 0.01 and lr.upper == 0.5
+    drawn = lr.sample(size=200)
+    assert min(drawn) >= 0.01 and max(drawn) <= 0.5
+    assert 0.3 < sum(d < 0.0707 for d in drawn) / 200 < 0.7  # log-uniform: half below sqrt(0.01 * 0.5)

@@ -4,7 +4,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import torch
 import yaml
 
 from pipelines.config import Config, ConfigError, ScheduleSection, load_config
-from pipelines.train import fit, load_state, lr_factor, make_optimizer, train_step, unwrap
+from pipelines.train import fit, free_port, load_state, lr_factor, make_optimizer, train_step, unwrap
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
 
@@ -171,7 +170,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_e
     os.kill(workers[-1], signal.SIGKILL)  # mid-epoch 2
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    assert "epochs 2..3 (resumed)" in out
+    # resumed from the last checkpoint: epoch 1's, or epoch 2's on a machine slow to deliver the kill
+    assert re.search(r"epochs [23]\.\.3 \(resumed\)", out), out[-3000:]
     final = load_state(next(iter(fit_result_checkpoints(run_dir))))
     client, run = mlflow_run(cfg, final["mlflow_run_id"])
     assert epochs_logged(client, run.info.run_id) == [1, 2, 3]
@@ -190,7 +190,7 @@ def fit_result_checkpoints(run_dir: Path):
     (["data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards/manifest.json: cannot read it"),
     (["checkpoint.storage_path=/proc/no-such-dir"], "checkpoint.storage_path=/proc/no-such-dir: cannot write"),
     (["scaling.gpus_per_worker=1"], "needs 2 GPUs, the cluster has 0"),
-    (["scaling.num_workers=4", "data.batch_size=128"], "training takes 4 of the cluster's 4 CPUs"),
+    (["scaling.num_workers=5", "data.batch_size=160"], "training takes 5 of the cluster's 5 CPUs"),
     (["data.batch_size=2048"], "each of the 2 workers gets 718 training images, fewer than its batch of 1024"),
 ])
 def test_mistakes_are_refused_before_any_worker_starts(tmp_path, ray_session, overrides, message):
@@ -211,12 +211,6 @@ def test_the_cli_reports_a_mistake_in_one_line_without_a_traceback(run_cli, tmp_
     out = run_cli("pipelines.train", "--config", str(CONFIG), "data.num_classes=7")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: data.num_classes=7:" in out.stderr and "lists 10 classes" in out.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_path):
@@ -248,19 +242,21 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
             except OSError:
                 assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
                 time.sleep(1)
-        for _ in range(30):  # the dashboard answers before its job agent is ready
+        deadline = time.time() + 300
+        while True:  # the dashboard answers before its job agent is ready (slower on a busy machine)
             job = subprocess.run(
                 [bin_dir / "ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
                  "--", "python", "-m", "pipelines.train", "--config", "ray_config.yaml", *SMALL,
                  "schedule.epochs=1", "run.name=submitted"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in job.stderr + job.stdout:
+            if "No available agent" not in job.stderr + job.stdout or time.time() > deadline:
                 break
             time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30).read().decode()
-        for gauge in ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait"):
+        for gauge in ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait",
+                      "ray_resnet_val_error"):
             assert f'{gauge}{{' in scrape and 'run="submitted"' in scrape, gauge
     finally:
         os.killpg(head.pid, signal.SIGTERM)

@@ -1,5 +1,11 @@
-"""The sweep: each trial a distributed training, ASHA, MLflow parent and children."""
-from pipelines.config import load_config
+"""The sweep: each trial a distributed training, ASHA, MLflow parent and children, resume."""
+import re
+import signal
+import time
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
 from pipelines.tune import sweep
 from tests.conftest import CONFIG
 
@@ -26,8 +32,9 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
     cfg = load_config(CONFIG, [*BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=grid",
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep-test",
                                # a learning rate too small to learn anything: ASHA's case to stop
-                               "tune.space.model.depth=[8, 14]", "tune.space.optim.lr=[0.1, 0.00001]"])
-    rows, _ = sweep(cfg)  # 1-CPU workers + 1 decode CPU: two trials at once on the 4-CPU test cluster
+                               "tune.space.model.depth=[8, 14]", "tune.space.optim.lr=[0.1, 0.00001]",
+                               "tune.max_concurrent_trials=null"])
+    rows, _ = sweep(cfg)  # two trials at once on the 5-CPU test cluster: MLflow through a local server
     assert len(rows) == 4 and not any(r["error"] for r in rows)
     assert {(r["model.depth"], r["optim.lr"]) for r in rows} == {(8, 0.1), (8, 1e-05), (14, 0.1), (14, 1e-05)}
     assert rows[0]["optim.lr"] == 0.1 and rows[0]["best_val_error"] < 0.8  # best first, and it learned
@@ -45,3 +52,68 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
         "results.csv", "results.md", "curves.png", "error_vs_depth.png", "config.yaml"}
     table = client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))
     assert open(table).read().splitlines()[0].startswith("model.depth,optim.lr,best_val_error,epochs,stopped_early")
+
+
+def trial_states(tuner_dir) -> dict[str, str]:
+    """trial id -> status, as Tune last saved its experiment state (what a restore starts from)."""
+    import json
+    states = {}
+    for path in tuner_dir.glob("experiment_state-*.json"):
+        try:
+            for entry in json.loads(path.read_text())["trial_data"]:
+                trial = json.loads(entry[0])
+                states[trial["trial_id"]] = trial["status"]
+        except (ValueError, KeyError):  # caught mid-write
+            pass
+    return states
+
+
+def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, ray_session, run_cli):
+    """SIGKILL the sweep's driver once Tune has saved a finished trial; the same command again
+    restores the sweep, runs only the trials not finished, and MLflow has each epoch once."""
+    import ray
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--config", str(CONFIG), *BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=killed",
+            f"mlflow.tracking_uri={uri}", "mlflow.experiment=resume-test", "tune.space.model.depth=[8]",
+            "tune.space.optim.lr=[0.1, 0.05, 0.02]", "tune.space.schedule.epochs=[1]"]
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the session's cluster: no second Ray
+    proc = run_cli("pipelines.tune", *args, env=env, wait=False)
+    deadline = time.time() + 300
+    while "TERMINATED" not in (done := trial_states(tmp_path / "killed" / "tuner")).values():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # Ray ends the dead driver's trials and their workers
+    proc.communicate()
+    finished = {t for t, status in done.items() if status == "TERMINATED"}
+    assert len(finished) < 3
+
+    out = run_cli("pipelines.tune", *args, env=env, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep killed" in out.stdout
+    started = set(re.findall(r"(\w+)-lr=[\d.e-]+: cifar_resnet8: 1 workers on", out.stdout + out.stderr))
+    assert started and not started & finished, (started, finished)  # only the unfinished ran again
+    client, parents, children = runs(uri, "resume-test")
+    assert len(parents) == 1 and len(children) == 3
+    assert all(epochs_logged(client, c.info.run_id) == [1] for c in children)
+    assert {c.info.status for c in children} == {"FINISHED"}
+
+
+def test_optuna_searches_a_log_uniform_range(tmp_path, ray_session):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(CONFIG, [*BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=optuna",
+                               f"mlflow.tracking_uri={uri}", "mlflow.experiment=optuna-test", "tune.search=optuna",
+                               "tune.num_samples=2", "tune.scheduler=fifo", "schedule.epochs=1", "model.depth=8",
+                               "tune.space.optim.lr={loguniform: [0.01, 0.3]}"])
+    rows, _ = sweep(cfg)
+    assert len(rows) == 2 and all(0.01 <= r["optim.lr"] <= 0.3 and r["epochs"] == 1 for r in rows)
+    assert rows[0]["optim.lr"] != rows[1]["optim.lr"]
+    client, parents, children = runs(uri, "optuna-test")
+    assert len(parents) == 1 and len(children) == 2
+
+
+def test_optuna_missing_is_said_before_the_sweep_starts(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", "tune.search=optuna"])
+    with pytest.raises(ConfigError, match="tune.search=optuna: Optuna is not installed; pip install"):
+        sweep(cfg)

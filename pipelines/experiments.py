@@ -1,0 +1,250 @@
+"""The papers' experiments, one command each, reported beside the papers' numbers:
+    python -m pipelines.experiments {degradation,depth,shortcuts,identity} --config ray_config.yaml [key=value ...]
+
+Reads top to bottom: the experiment's grid for the config's model family (GRIDS) -> a Tune sweep of
+full trainings (pipelines.tune.sweep without early stopping: every net trains the same epochs) ->
+report.md and plots in <checkpoint.storage_path>/<experiment>/report/, also logged to the sweep's
+MLflow parent run. The report names the data and budget that produced our numbers, so a run on
+the bundled digits is never read as CIFAR-10. Overrides after the experiment's name change its
+budget or grid, e.g. `schedule.epochs=20` or `tune.space.model.depth=[20, 110]`; a second run with
+the same tune.name resumes.
+
+Reference numbers: ../shared/reference/resnet_paper.md (He et al. 2015; He et al. 2016,
+"Identity Mappings in Deep Residual Networks").
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from pipelines.config import Config, ConfigError, parse_cli
+from pipelines.data import load_manifest, shards_dir
+from pipelines.train import mlflow_client, read_text
+from pipelines.tune import label, sweep, sweep_dir, varying
+from resnet_models import build_model
+from resnet_models.spec import SHORTCUT_VARIANTS, UNITS, ModelConfig
+
+# experiment -> model family -> tune.space; every other setting comes from the config
+GRIDS: dict[str, dict[str, dict[str, list]]] = {
+    "degradation": {  # plain nets get worse with depth, ResNets better: paper Fig. 6 / Table 2
+        "cifar": {"model.residual": [False, True], "model.depth": [20, 32, 44, 56]},
+        "imagenet": {"model.residual": [False, True], "model.depth": [18, 34], "model.shortcut": ["A"]},
+    },
+    "depth": {  # paper Table 6 (CIFAR-10) / Table 3 (ImageNet)
+        "cifar": {"model.depth": [20, 32, 44, 56, 110]},
+        "imagenet": {"model.depth": [18, 34, 50, 101, 152]},
+    },
+    "shortcuts": {  # options A/B/C: paper Table 3 (ResNet-34); on CIFAR at the config's depth
+        "cifar": {"model.shortcut": ["A", "B", "C"]},
+        "imagenet": {"model.depth": [34], "model.shortcut": ["A", "B", "C"]},
+    },
+    "identity": {  # ResNet-110, He et al. 2016 Table 1 (shortcuts) and Table 2 (activation placement);
+        # its recipe: lr 0.01 until training error is below 80%, then 0.1
+        "cifar": {"model.depth": [110], "schedule.warmup_lr": [0.01], "schedule.warmup_until_error": [0.8],
+                  "model": [{"shortcut_variant": v} for v in SHORTCUT_VARIANTS]
+                  + [{"unit": u} for u in UNITS if u != "original"]},
+    },
+}
+
+# The papers' errors in %, from ../shared/reference/resnet_paper.md
+CIFAR_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+IMAGENET_TOP1 = {(False, 18, "A"): 27.94, (False, 34, "A"): 28.54, (True, 18, "A"): 27.88, (True, 34, "A"): 25.03,
+                 (True, 34, "B"): 24.52, (True, 34, "C"): 24.19, (True, 50, "B"): 22.85, (True, 101, "B"): 21.75,
+                 (True, 152, "B"): 21.43}
+IDENTITY_110 = {"identity": "6.61", "constant_scaling": "12.35", "exclusive_gating": "8.70",
+                "shortcut_only_gating": "6.91", "conv1x1": "12.22", "dropout": "fails",
+                "bn_after_add": "8.17", "relu_before_add": "7.84", "relu_only_preact": "6.71", "full_preact": "6.37"}
+
+
+def paper_error(m: ModelConfig) -> tuple[str, str]:
+    """(the papers' error in % for this net, where it is from), or ("—", why there is none)."""
+    shortcut = m.resolved().shortcut
+    if m.family == "imagenet":
+        if m.unit != "original" or m.shortcut_variant != "identity":
+            return "—", "no ImageNet figure for this unit or shortcut"
+        key = (m.residual, m.depth, shortcut if m.residual else "A")
+        found = IMAGENET_TOP1.get(key)
+        return (f"{found:.2f}", "He et al. 2015 Tables 2-3, ImageNet val top-1, 10-crop") if found else (
+            "—", f"no ImageNet figure for {m.name} with option {shortcut}")
+    if not m.residual:
+        return "—", "Fig. 6 only: plain nets get worse with depth"
+    changed = [v for v in (m.unit, m.shortcut_variant) if v not in ("original", "identity")]
+    if m.depth == 110 and len(changed) <= 1:
+        return IDENTITY_110[changed[0] if changed else "identity"], \
+            "He et al. 2016 Tables 1-2, ResNet-110, CIFAR-10 test, median of 5"
+    if not changed and shortcut == "A" and m.depth in CIFAR_TABLE6:
+        return f"{CIFAR_TABLE6[m.depth]:.2f}", "He et al. 2015 Table 6, CIFAR-10 test"
+    return "—", "no CIFAR-10 figure for this net"
+
+
+def preset(experiment: str):
+    """The command line's config -> the overrides that make it this experiment's grid."""
+    def overrides(cfg: Config) -> list[str]:
+        grids = GRIDS[experiment]
+        if cfg.model.family not in grids:
+            raise ConfigError(f"model.family={cfg.model.family}: the {experiment} experiment is defined for "
+                              f"{' and '.join(grids)} nets; set model.family={next(iter(grids))}")
+        return ["tune.space={}", f"tune.name={experiment}", "tune.search=grid", "tune.scheduler=fifo",
+                "tune.num_samples=1", *(f"tune.space.{k}={json.dumps(v)}" for k, v in grids[cfg.model.family].items())]
+    return overrides
+
+
+def trials(cfg: Config, grid) -> list[dict]:
+    """One dict per trial: its model, label and per-epoch history, in the grid's order."""
+    from pipelines.tune import trial_config
+    out = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or "val_error" not in df:
+            continue
+        params = {k: r.config[k] for k in cfg.tune.space}
+        model = trial_config(cfg, params, "x").model
+        out.append({"model": model, "label": label(params, varying(cfg)) or model.name,
+                    "epochs": df["epoch"].astype(int).tolist(), "train_error": df["train_error"].tolist(),
+                    "val_error": df["val_error"].tolist(), "error": type(r.error).__name__ if r.error else ""})
+    return sorted(out, key=lambda t: (t["model"].residual, t["model"].depth, t["label"]))
+
+
+def describe_data(cfg: Config) -> str:
+    m = load_manifest(shards_dir(cfg.data))
+    src, rows = m["source"], {k: v["rows"] for k, v in m["splits"].items()}
+    kind = src.get("kind", "?")
+    size = f", {src['image_size']}x{src['image_size']} pixels" if src.get("image_size") else ""
+    data = (f"**{kind}** ({rows.get('train', 0):,} training / {rows.get('val', 0):,} validation images, "
+            f"{len(m['classes'])} classes{size})")
+    if kind == "digits":
+        data += (": scikit-learn's 8x8 handwritten digits, upscaled; **not CIFAR-10 or ImageNet**. "
+                 "Compare the trends with the papers', not the values")
+    s = cfg.schedule
+    steps = f"lr / 10 at epochs {s.milestones}" if s.kind == "step" and s.milestone_unit == "epoch" else s.kind
+    return (f"- Data: {data}.\n"
+            f"- Budget: {s.epochs} epochs, global batch {cfg.data.batch_size}, lr {cfg.optim.lr} at batch "
+            f"{cfg.optim.lr_batch} ({steps}), weight decay {cfg.optim.weight_decay}, momentum "
+            f"{cfg.optim.momentum}; `{cfg.data.train_transform}` augmentation; "
+            f"{cfg.scaling.num_workers} workers x {'GPU' if cfg.scaling.gpus_per_worker else 'CPU'}.\n"
+            "- Our errors are single-crop on the validation split; the papers' are CIFAR-10 test error, or "
+            "ImageNet validation top-1 with 10 crops.\n")
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| net | settings | epochs | final train error | final val error | best val error | paper | paper's source |",
+           "|---|---|---|---|---|---|---|---|"]
+    for t in rows:
+        paper, where = paper_error(t["model"])
+        out.append(f"| {t['model'].name} | {t['label']} | {t['epochs'][-1]} | {t['train_error'][-1]:.2%} | "
+                   f"{t['val_error'][-1]:.2%} | {min(t['val_error']):.2%} | {paper} | {where} |")
+    return "\n".join(out) + "\n"
+
+
+def degradation_claims(rows: list[dict]) -> str:
+    """The claims the degradation experiment exists for, checked at equal epochs."""
+    epoch = min(t["epochs"][-1] for t in rows)
+    lines = []
+    for residual, expect in ((False, "above"), (True, "at or below")):
+        nets = sorted((t for t in rows if t["model"].residual == residual), key=lambda t: t["model"].depth)
+        if len(nets) < 2:
+            continue
+        shallow, deep = nets[0], nets[-1]
+        a, b = (t["train_error"][t["epochs"].index(epoch)] for t in (deep, shallow))
+        shown = a > b if not residual else a <= b
+        lines.append(f"- {deep['model'].name} training error {a:.2%} against {shallow['model'].name} {b:.2%} "
+                     f"at epoch {epoch}: the paper has the deeper net {expect}: "
+                     f"**{'shown' if shown else 'not shown'}** here.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: list[dict], path: str, title: str) -> None:
+    """Paper Fig. 6 style: thin lines training error, bold lines validation error; plain nets left,
+    ResNets right (one panel when the experiment has only one kind)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = sorted({t["model"].residual for t in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True, squeeze=False)
+    for ax, residual in zip(axes[0], kinds):
+        for i, t in enumerate(t for t in rows if t["model"].residual == residual):
+            ax.plot(t["epochs"], [100 * e for e in t["train_error"]], lw=1, color=f"C{i % 10}")
+            ax.plot(t["epochs"], [100 * e for e in t["val_error"]], lw=2.5, color=f"C{i % 10}", label=t["label"])
+        ax.set(xlabel="epoch", title="ResNets" if residual else "plain nets")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("error (%): thin training, bold validation")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_against_paper(rows: list[dict], path: str, title: str) -> None:
+    """Our final validation error beside the paper's, one pair of bars per net."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [t["label"] for t in rows]
+    ours = [100 * t["val_error"][-1] for t in rows]
+    paper = [float(p) if p.replace(".", "").isdigit() else math.nan for p, _ in map(paper_error, (t["model"] for t in rows))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="ours: final validation error")
+    ax.bar([i + 0.2 for i in x], paper, width=0.4, label="paper (its dataset)")
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="error (%)", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(experiment: str, cfg: Config, grid, command: str) -> Path:
+    """report.md and its plots in <sweep>/report/, and into the sweep's MLflow parent run."""
+    rows = trials(cfg, grid)
+    if not rows:
+        raise RuntimeError(f"{experiment}: no trial finished an epoch; see the trials' logs under {sweep_dir(cfg)}")
+    out = Path(sweep_dir(cfg)) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{experiment}: {rows[0]['model'].family} nets"
+    plot_curves(rows, str(out / f"{experiment}.png"), title)
+    plot_against_paper(rows, str(out / "against_paper.png"), f"{experiment}: ours beside the paper's")
+    failed = [t["label"] for t in rows if t["error"]]
+    text = (f"# Experiment: {experiment}\n\n`{command}`\n\n{describe_data(cfg)}\n"
+            + (degradation_claims(rows) + "\n" if experiment == "degradation" else "")
+            + table(rows)
+            + (f"\nTrials that failed before their last epoch: {', '.join(failed)}.\n" if failed else "")
+            + f"\n![training curves]({experiment}.png)\n\n![ours beside the paper's](against_paper.png)\n")
+    (out / "report.md").write_text(text)
+    parent = read_text(sweep_dir(cfg), "mlflow_parent_run_id")
+    if parent:
+        client = mlflow_client(cfg.mlflow.resolved_uri())
+        for name in ("report.md", f"{experiment}.png", "against_paper.png"):
+            client.log_artifact(parent.strip(), str(out / name), "report")
+    return out / "report.md"
+
+
+def run(experiment: str, cfg: Config, command: str = "") -> Path:
+    _, grid = sweep(cfg)
+    return report(experiment, cfg, grid, command or f"python -m pipelines.experiments {experiment}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in GRIDS:
+        print(f"usage: python -m pipelines.experiments {{{','.join(GRIDS)}}} --config ray_config.yaml "
+              f"[key=value ...]\nerror: the first argument names the experiment: one of {', '.join(GRIDS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    experiment = argv.pop(0)
+    cfg = parse_cli(argv, f"Run the {experiment} experiment as a Tune grid and report it beside the paper.",
+                    preset=preset(experiment))
+    try:
+        path = run(experiment, cfg, " ".join(["python -m pipelines.experiments", experiment, *argv]))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"\n{path.read_text()}\nreport: {path}")
+
+
+if __name__ == "__main__":
+    main()

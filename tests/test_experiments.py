@@ -1,0 +1,101 @@
+"""The papers' experiments: their grids, the papers' numbers beside ours, and each one run small."""
+import pytest
+
+from pipelines.config import parse_cli
+from pipelines.experiments import paper_error, preset, run
+from pipelines.tune import trial_config
+from resnet_models import ModelConfig
+from tests.conftest import CONFIG
+
+TINY = ["schedule.epochs=1", "schedule.milestones=[]", "data.batch_size=32", "data.shuffle_buffer=256",
+        "scaling.num_workers=1"]
+
+
+def experiment_config(name: str, *overrides: str):
+    """The config `python -m pipelines.experiments NAME --config ray_config.yaml OVERRIDES` runs."""
+    return parse_cli(["--config", str(CONFIG), *overrides], name, preset=preset(name))
+
+
+def grid_models(cfg) -> list[ModelConfig]:
+    import itertools
+    space = cfg.tune.space
+    return [trial_config(cfg, dict(zip(space, combo)), "t").model for combo in itertools.product(*space.values())]
+
+
+def test_each_experiment_trains_the_papers_nets():
+    names = lambda cfg: sorted(m.name for m in grid_models(cfg))  # noqa: E731
+    assert names(experiment_config("degradation")) == sorted(
+        [f"cifar_plain{d}" for d in (20, 32, 44, 56)] + [f"cifar_resnet{d}" for d in (20, 32, 44, 56)])
+    imagenet = experiment_config("degradation", "model.family=imagenet", "model.depth=18")
+    assert {(m.name, m.resolved().shortcut) for m in grid_models(imagenet)} == {
+        ("plain18", "A"), ("plain34", "A"), ("resnet18", "A"), ("resnet34", "A")}  # Table 2: option A
+    assert names(experiment_config("depth")) == sorted(f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110))
+    shortcuts = experiment_config("shortcuts", "model.family=imagenet", "model.depth=50")
+    assert {(m.depth, m.resolved().shortcut) for m in grid_models(shortcuts)} == {(34, "A"), (34, "B"), (34, "C")}
+    identity = experiment_config("identity")
+    models = grid_models(identity)
+    assert len(models) == 10 and {m.depth for m in models} == {110}
+    assert {m.shortcut_variant for m in models} == {"identity", "constant_scaling", "exclusive_gating",
+                                                    "shortcut_only_gating", "conv1x1", "dropout"}
+    assert {m.unit for m in models} == {"original", "bn_after_add", "relu_before_add", "relu_only_preact",
+                                        "full_preact"}
+    assert identity.tune.space["schedule.warmup_lr"] == [0.01]  # the ResNet-110 recipe
+    assert all(cfg.tune.scheduler == "fifo" for cfg in (identity, shortcuts))  # equal epochs for all
+
+
+def test_an_experiment_the_family_lacks_says_which_family_has_it(capsys):
+    with pytest.raises(SystemExit) as exit:
+        experiment_config("identity", "model.family=imagenet", "model.depth=50")
+    assert exit.value.code == 2
+    assert "model.family=imagenet: the identity experiment is defined for cifar nets; set model.family=cifar" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, error, source", [
+    (dict(depth=20), "8.75", "Table 6"),
+    (dict(depth=110, unit="full_preact"), "6.37", "2016"),
+    (dict(depth=110, shortcut_variant="dropout"), "fails", "2016"),
+    (dict(depth=56, residual=False), "—", "Fig. 6"),
+    (dict(depth=20, shortcut="B"), "—", "no CIFAR-10 figure"),
+    (dict(family="imagenet", depth=34, shortcut="C"), "24.19", "Tables 2-3"),
+    (dict(family="imagenet", depth=34, residual=False), "28.54", "Tables 2-3"),
+    (dict(family="imagenet", depth=50), "22.85", "10-crop"),
+])
+def test_the_papers_error_for_each_net(model, error, source):
+    found, where = paper_error(ModelConfig(**model))
+    assert found == error and source in where
+
+
+def test_degradation_runs_small_and_reports_beside_the_paper_in_mlflow(tmp_path, ray_session):
+    from mlflow import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = experiment_config("degradation", *TINY, f"checkpoint.storage_path={tmp_path}", f"mlflow.tracking_uri={uri}",
+                            "tune.space.model.depth=[8, 14]")
+    path = run("degradation", cfg)
+    text = path.read_text()
+    assert "**digits**" in text and "not CIFAR-10" in text and "Budget: 1 epochs" in text
+    assert "cifar_plain14 training error" in text and "cifar_resnet14 training error" in text  # the claims, checked
+    rows = [line for line in text.splitlines() if line.startswith("| cifar_")]
+    assert sorted(r.split(" | ")[0] for r in rows) == ["| cifar_plain14", "| cifar_plain8", "| cifar_resnet14",
+                                                       "| cifar_resnet8"]
+    assert (path.parent / "degradation.png").stat().st_size > 10_000 and (path.parent / "against_paper.png").exists()
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+                                "tags.mlflow.runName = 'degradation'")[0]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report/report.md", "report/degradation.png", "report/against_paper.png"}
+
+
+@pytest.mark.parametrize("name, overrides, nets", [
+    ("depth", ["tune.space.model.depth=[8, 14]"], ["cifar_resnet14", "cifar_resnet8"]),
+    ("shortcuts", ["model.depth=8", "tune.space.model.shortcut=[A, C]"], ["cifar_resnet8", "cifar_resnet8"]),
+    # two of the follow-up paper's variants, at depth 8 instead of 110
+    ("identity", ["tune.space.model.depth=[8]", "tune.space.model=[{unit: full_preact}, {shortcut_variant: conv1x1}]"],
+     ["cifar_preact_resnet8", "cifar_resnet8"]),
+])
+def test_the_other_experiments_run_small(tmp_path, ray_session, name, overrides, nets):
+    cfg = experiment_config(name, *TINY, f"checkpoint.storage_path={tmp_path}",
+                            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides)
+    text = run(name, cfg).read_text()
+    assert f"# Experiment: {name}" in text
+    assert sorted(line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| cifar_")) == nets
