@@ -99,3 +99,16 @@ def test_the_other_experiments_run_small(tmp_path, ray_session, name, overrides,
     text = run(name, cfg).read_text()
     assert f"# Experiment: {name}" in text
     assert sorted(line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| cifar_")) == nets
+
+
+def test_the_degradation_claims_compare_the_last_three_epochs_training_error():
+    from pipelines.experiments import degradation_claims
+    def net(depth, residual, last):  # a noisy final epoch must not decide it
+        return {"model": ModelConfig(depth=depth, residual=residual), "epochs": [1, 2, 3, 4, 5],
+                "train_error": [0.9, 0.5, *last]}
+    text = degradation_claims([net(20, False, [0.10, 0.10, 0.10]), net(56, False, [0.30, 0.30, 0.05]),
+                               net(20, True, [0.02, 0.02, 0.01]), net(56, True, [0.01, 0.01, 0.03])])
+    assert "cifar_plain56 training error 21.67% against cifar_plain20 10.00% (mean of epochs 3-5)" in text
+    assert text.count("**shown**") == 2
+    text = degradation_claims([net(20, True, [0.01, 0.01, 0.01]), net(56, True, [0.02, 0.02, 0.0])])
+    assert "**not shown**" in text and "plain" not in text
