@@ -322,9 +322,9 @@ def explain(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """The file (or the defaults when path is None) with `key=value` overrides applied, validated."""
-    raw: dict = {}
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """The file (or base, a config as a dict, or the defaults) with `key=value` overrides applied, validated."""
+    raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         try:
             text = Path(path).read_text()

@@ -341,14 +341,11 @@ def resolve_config(config_path: str | None, overrides: list[str], trained: dict 
         except ConfigError as e:
             where = config_path or "overrides"
             raise ConfigError(str(e) if str(e).startswith(f"{where}:") else f"{where}: {e}") from None
-    with tempfile.TemporaryDirectory() as d:  # load_config reads a file: the one place overrides parse
-        path = Path(d, "config.yaml")
-        path.write_text(yaml.safe_dump(trained, sort_keys=False))
-        try:
-            return load_config(path, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"the config {source} trained with, and the overrides: {e}; "
-                              "give --config PATH to evaluate with another config") from None
+    try:
+        return load_config(None, overrides, base=trained)
+    except ConfigError as e:
+        raise ConfigError(f"the config {source} trained with, and the overrides: {e}; "
+                          "give --config PATH to evaluate with another config") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def sweep(cfg: Config):
     """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
-    searcher(cfg)  # a missing Optuna, said before anything starts
+    search_alg = searcher(cfg)  # a missing Optuna, said before anything starts
     quiet_ray_data()
     start_ray(cfg)
     limit = concurrency(cfg)
@@ -215,14 +215,14 @@ def sweep(cfg: Config):
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
-        return _sweep(base, cfg, uri, limit)
+        return _sweep(base, cfg, uri, limit, search_alg)
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -259,7 +259,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int):
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher(cfg),
+                           tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg,
                                                        num_samples=cfg.tune.num_samples,
                                                        max_concurrent_trials=limit))
     trials = cfg.tune.num_samples * (math.prod(len(v) for v in cfg.tune.space.values())
