@@ -2,11 +2,13 @@
 
 Same files, same transforms (RandomResizedCrop(224) + flip, to uint8), same number of CPU workers,
 in one run:
-  baseline  torchvision ImageFolder + torch.utils.data.DataLoader on the JPEG files
+  baseline  torchvision ImageFolder + torch.utils.data.DataLoader on the JPEG files (PIL decode)
+  baseline  the same DataLoader with this pipeline's decoder (TorchCodec, pipelines.data.decode)
   ours      shards (python -m pipelines.shards) -> Ray Data decode + augment -> batches
   ours      the same from shards written with --max-side
-One warm-up epoch each, then the timed epochs. The last line is `ratio: X`: ours / DataLoader on
-the raw JPEGs. Images: benchmarks/photos.py (real photographs at ImageNet's typical 500x375, q90).
+One warm-up epoch each, then the timed epochs (their start-ups included). The last line is
+`ratio: X`: ours / the PIL DataLoader on the raw JPEGs. Images: benchmarks/photos.py (real
+photographs at ImageNet's typical 500x375, q90).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torchvision.transforms import v2 as T
 
 from photos import make_photos
 from pipelines.config import load_config
-from pipelines.data import build_datasets, build_transform, epoch_batches
+from pipelines.data import build_datasets, build_transform, decode, epoch_batches
 from pipelines.shards import Options, scan_folder, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +39,16 @@ def timed(epochs, run_epoch) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def dataloader_rate(root: Path, data, workers: int, batch: int, epochs: int) -> float:
-    transform = T.Compose([T.RGB(), *build_transform(data, train=True).transforms])
-    loader = torch.utils.data.DataLoader(ImageFolder(root, transform=transform), batch_size=batch,
+def read_decode(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return decode(f.read())
+
+
+def dataloader_rate(root: Path, data, workers: int, batch: int, epochs: int, ours: bool = False) -> float:
+    transform = build_transform(data, train=True)
+    folder = ImageFolder(root, transform=transform, loader=read_decode) if ours else \
+        ImageFolder(root, transform=T.Compose([T.RGB(), *transform.transforms]))
+    loader = torch.utils.data.DataLoader(folder, batch_size=batch,
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=True, prefetch_factor=4)
     return timed(epochs, lambda e: sum(len(y) for _, y in loader))
@@ -53,7 +62,7 @@ def ray_rate(shards: Path, data, batch: int, epochs: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=1536)
+    p.add_argument("--images", type=int, default=4096)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="CPU workers, both pipelines")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
@@ -72,8 +81,8 @@ def main() -> None:
         size = make_photos(root, a.images)
         source = scan_folder(root, 0.01, 0)
         raw, small = Path(tmp) / "raw", Path(tmp) / "small"
-        write_shards(source, raw, Options(rows_per_shard=256), workers=a.workers, progress=None)
-        m = write_shards(source, small, Options(rows_per_shard=256, max_side=a.max_side), workers=a.workers,
+        write_shards(source, raw, Options(), workers=a.workers, progress=None)  # 192 MB shards, as shipped
+        m = write_shards(source, small, Options(max_side=a.max_side), workers=a.workers,
                          progress=None)
         small_kib = sum(s["bytes"] for s in m["splits"]["train"]["shards"]) / m["splits"]["train"]["rows"] / 1024
         n_train = m["splits"]["train"]["rows"]
@@ -87,10 +96,12 @@ def main() -> None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(root / item.key, dst)
         base = dataloader_rate(train_root, data, a.workers, a.batch, a.epochs)
+        base_codec = dataloader_rate(train_root, data, a.workers, a.batch, a.epochs, ours=True)
         ours_raw = ray_rate(raw, data, a.batch, a.epochs)
         ours_small = ray_rate(small, data, a.batch, a.epochs)
     print(f"{'pipeline':<44} {'images/s':>9} {'vs DataLoader':>13}")
     print(f"{'DataLoader + ImageFolder, raw JPEGs':<44} {base:>9.0f} {1.0:>13.2f}")
+    print(f"{'  the same, decoded as ours (TorchCodec)':<44} {base_codec:>9.0f} {base_codec / base:>13.2f}")
     print(f"{'Ray Data, shards of the raw JPEGs':<44} {ours_raw:>9.0f} {ours_raw / base:>13.2f}")
     print(f"{f'Ray Data, shards --max-side {a.max_side}':<44} {ours_small:>9.0f} {ours_small / base:>13.2f}")
     print(f"ratio: {ours_raw / base:.2f}")

@@ -242,6 +242,10 @@ class Config(Section):
         if b % w:
             raise ValueError(f"data.batch_size={b}: the global batch is split evenly over "
                              f"scaling.num_workers={w}; use a multiple of {w}, e.g. {b // w * w or w}")
+        if 0 < self.data.shuffle_buffer < 2 * self.local_batch:
+            # Ray Data's local shuffle then hands out short batches in mid-epoch (seen with 2.60)
+            raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice each worker's "
+                             f"batch ({self.local_batch}), i.e. {2 * self.local_batch} or more, or 0 for none")
         return self
 
     def to_yaml(self) -> str:

@@ -25,7 +25,11 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data._internal.execution.resource_manager import ResourceManager
+from ray.data.datasource import Datasource, ReadTask
+from torchcodec.decoders import decode_image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -33,7 +37,20 @@ from pipelines.config import HOME, DataSection
 from pipelines.shards import FORMAT, SPLITS, ShardError
 
 log = logging.getLogger(__name__)
-BLOCK_BYTES = 8 * 2**20
+
+# Ray 2.60's streaming executor starts every execution (every epoch) seeing a cluster with no CPUs:
+# its first look comes back empty while Ray's autoscaling coordinator answers asynchronously, and it
+# keeps that answer for GLOBAL_LIMITS_UPDATE_INTERVAL_S (1 s), running one task at a time meanwhile,
+# however large the cluster. Looking again after 0.1 s took a 6,083-image epoch on 2 CPUs from
+# 6.4-6.7 s to 5.7-5.9 s. Set on import: the process that runs a dataset (the driver, or Ray Train's
+# split coordinator) imports this module to unpickle DecodeAugment.
+if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > 0.1:
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.1
+
+# Rows per read task (whole Parquet row groups of one shard). Ray Data left a CPU idle for about
+# 0.2 s between one task and the next, so tasks of one 256-row group (0.3 s of decoding) lost a
+# third of the time; much longer ones leave a long tail at the end of each epoch.
+ROWS_PER_TASK = 1024
 # AlexNet / fb.resnet.torch PCA lighting: eigenvalues and eigenvectors of ImageNet's RGB covariance
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -61,8 +78,9 @@ def load_manifest(shards_dir: str) -> dict:
     return manifest
 
 
-def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[str]:
-    """Paths of the split's shards, after checking each against the manifest.
+def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[tuple[str, int, list[int]]]:
+    """(path, bytes, rows of each Parquet row group) of the split's shards, after checking each
+    against the manifest.
 
     verify="size": present, the recorded size, the recorded rows in its Parquet footer (cheap:
     catches missing and truncated shards). verify="sha256": also the checksum (reads every byte).
@@ -85,7 +103,8 @@ def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[str]
                              "(truncated or replaced); rewrite the shards")
         try:
             with fs.open_input_file(path) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
+                meta = pq.ParquetFile(f).metadata
+            rows, groups = meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         except Exception as e:
             raise ShardError(f"{where}: not a readable Parquet file ({e})") from None
         if rows != shard["rows"]:
@@ -97,24 +116,76 @@ def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[str]
                     digest.update(chunk)
             if digest.hexdigest() != shard["sha256"]:
                 raise ShardError(f"{where}: SHA-256 differs from the manifest's (altered); rewrite the shards")
-        paths.append(path)
+        paths.append((path, info.size, groups))
     return paths
 
 
-def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed: int | None = None):
-    """The split as a streaming Ray Dataset (columns image, label, class_id, key, height, width).
+class ShardSource(Datasource):
+    """The checked shards as Ray Data read tasks: runs of a shard's Parquet row groups (256 images
+    each) of up to ROWS_PER_TASK rows.
 
-    With shuffle_seed, the shard order is shuffled anew each epoch (each execution), from the seed.
+    Why not read_parquet: Ray 2.60's lists the files and reads their footers through 32 new actors
+    at the start of every epoch (0.5-1 s on a laptop, before the first image); check_shards has
+    read the footers once already. With a seed, the tasks come in a new order each execution (each
+    epoch), drawn from the seed and Ray's count of the dataset's executions (what Ray's own
+    FileShuffleConfig uses).
+    """
+
+    def __init__(self, shards: list[tuple[str, int, list[int]]], fs, columns: list[str] | None, seed: int | None):
+        self.units = []  # (path, row groups, rows): consecutive row groups of a shard, up to ROWS_PER_TASK rows
+        for path, _, groups in shards:
+            start, rows = 0, 0
+            for i, n in enumerate(groups):
+                rows += n
+                if rows >= ROWS_PER_TASK or i == len(groups) - 1:
+                    self.units.append((path, list(range(start, i + 1)), rows))
+                    start, rows = i + 1, 0
+        self.fs, self.columns, self.seed = fs, columns, seed
+        self.bytes = sum(size for _, size, _ in shards)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        order = range(len(self.units))
+        if self.seed is not None:
+            execution = getattr(data_context, "_execution_idx", 0)
+            order = np.random.default_rng([self.seed, execution]).permutation(len(self.units))
+        rows = sum(r for _, _, r in self.units)
+        tasks = []
+        for k in order:
+            path, groups, n = self.units[k]
+            meta = BlockMetadata(num_rows=n, size_bytes=self.bytes * n // max(rows, 1), input_files=[path],
+                                 exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, path, groups, self.columns), meta,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _read_row_groups(fs, path: str, groups: list[int], columns: list[str] | None):
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        for g in groups:
+            yield pf.read_row_group(g, columns=columns)
+
+
+def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed: int | None = None,
+                columns: list[str] | None = None):
+    """The split as a streaming Ray Dataset (columns image, label, class_id, key, height, width, or
+    those given).
+
+    With shuffle_seed, the order of the read tasks (runs of row groups) is shuffled anew each epoch
+    (each execution), from the seed.
     """
     import ray.data
-    paths = check_shards(shards_dir, split, verify)
+    shards = check_shards(shards_dir, split, verify)
     fs, _ = _fs(shards_dir)
-    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    source = ShardSource(shards, fs, columns, shuffle_seed)
+    return ray.data.read_datasource(source, override_num_blocks=len(source.units))
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms: PIL image -> uint8 CHW tensor of one size. No Ray here.
+# Transforms: uint8 CHW tensor (or PIL image) -> uint8 CHW tensor of one size. No Ray here.
 
 class ShorterSideRandomResize(torch.nn.Module):
     """The paper's scale augmentation: the shorter side resized to a random size in [lo, hi]."""
@@ -140,7 +211,7 @@ def build_transform(data: DataSection, train: bool) -> T.Compose:
         steps = [T.RandomCrop(c, padding=4)]
     if train and data.flip:
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, T.PILToTensor()])
+    return T.Compose([*steps, T.PILToTensor()])  # PIL in, tensor out; a tensor passes through
 
 
 def draft_side(data: DataSection, train: bool) -> int | None:
@@ -150,20 +221,33 @@ def draft_side(data: DataSection, train: bool) -> int | None:
     return data.scale_range[1] if data.train_transform == "paper" else None
 
 
-def decode(data: bytes, min_side: int | None = None) -> Image.Image:
-    """Encoded bytes -> RGB image; a large JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (PIL's draft) when its shorter side stays at least min_side."""
-    img = Image.open(io.BytesIO(data))
-    if min_side and img.format == "JPEG":
+def decode(data: bytes, min_side: int | None = None) -> torch.Tensor:
+    """Encoded bytes -> uint8 RGB tensor, 3 x H x W (HWC in memory, which torch's resize is fastest on).
+
+    TorchCodec's libjpeg-turbo/libpng/libwebp decoders, and tensor transforms after them, ran at 1.6x
+    PIL's rate for decode + RandomResizedCrop(224) on 500x375 photos, with the same pixels as PIL.
+    A JPEG whose shorter side may halve or more without going under min_side is decoded at 1/2, 1/4
+    or 1/8 scale in the DCT domain instead (PIL's draft); formats TorchCodec does not read go
+    through PIL.
+    """
+    if min_side and data[:3] == b"\xff\xd8\xff":
+        img = Image.open(io.BytesIO(data))
         scale = min_side / min(img.size)
         if scale < 0.5:
             img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-    return img.convert("RGB")
+            return TF.pil_to_tensor(img.convert("RGB"))
+    try:
+        return decode_image(data)
+    except (RuntimeError, ValueError):  # another format, or damaged: PIL reads more, and says why it cannot
+        return TF.pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 class DecodeAugment:
-    """map_batches: encoded rows -> {"image": uint8 N x H x W x 3, "label", "key"}.
+    """map_batches over whole read blocks (row groups): encoded rows -> decode_batch rows at a time
+    of {"image": uint8 N x H x W x 3, "label", "key"}.
 
+    Taking whole blocks lets Ray fuse the read and the decode into one task (a batch_size would
+    keep them apart, with every encoded row passing through the object store in between).
     A row that fails to decode is logged with its key and dropped (data.bad_records=skip), or
     stops the run naming it (fail). The epoch's count of dropped rows is the manifest's rows minus
     the rows seen, which the training loop reports.
@@ -173,7 +257,12 @@ class DecodeAugment:
         self.data, self.train = data, train
         self.transform, self.min_side = build_transform(data, train), draft_side(data, train)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, block: dict):
+        step = self.data.decode_batch
+        for i in range(0, len(block["key"]), step):
+            yield self.decode_rows({k: block[k][i:i + step] for k in ("image", "label", "key")})
+
+    def decode_rows(self, batch: dict) -> dict:
         if self.train:  # torch's global RNG starts equal in every process: draw fresh per batch
             torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         images, labels, keys = [], [], []
@@ -189,8 +278,12 @@ class DecodeAugment:
             labels.append(label)
             keys.append(key)
         c = self.data.crop_size
-        return {"image": np.stack(images) if images else np.zeros((0, c, c, 3), np.uint8),
-                "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}
+        # Copied into C order: np.stack of the crops' HWC views keeps their strides, and Ray Data's
+        # conversion to an Arrow block then spent longer reordering it than decoding.
+        out = np.empty((len(images), *(images[0].shape if images else (c, c, 3))), np.uint8)
+        for i, image in enumerate(images):
+            out[i] = image
+        return {"image": out, "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,12 +306,12 @@ def build_datasets(data: DataSection, seed: int):
     manifest = load_manifest(directory)
     datasets = []
     for split, train in (("train", True), ("val", False)):
-        ds = read_shards(directory, split, shuffle_seed=seed if train else None)
-        ds = ds.select_columns(["image", "label", "key"])
-        ds = ds.map_batches(DecodeAugment(data, train), batch_size=data.decode_batch, num_cpus=1)
-        # Decoded images are ~150 KB each at 224x224: small output blocks let Ray Data's
-        # backpressure keep the object store from filling (and spilling) between producer and consumer.
-        ds.context.target_max_block_size = BLOCK_BYTES
+        ds = read_shards(directory, split, shuffle_seed=seed if train else None, columns=["image", "label", "key"])
+        ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
+        # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
+        # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
+        # store; a smaller one splits each chunk in two, and copies it again.
+        ds.context.target_max_block_size = data.decode_batch * data.crop_size ** 2 * 3 + 2**16
         # Tasks finish in any order; keeping the order makes it a function of the seed alone.
         ds.context.execution_options.preserve_order = data.deterministic
         datasets.append(ds)

@@ -151,7 +151,7 @@ class Decode(DecodeAugment):
     """map_batches task: encoded rows -> {"image": uint8 H x W x 3, "label", "key"}.
 
     single: the training's validation transform (fixed size, stacked). 10crop: the shorter side
-    resized (PIL, as training's validation resize); multiscale: the native size, resized per scale
+    resized (as training's validation resize); multiscale: the native size, resized per scale
     by the scorer. Those sizes may differ between images, so rows go through DecodeAugment (and its
     bad-record handling: data.bad_records) one at a time and leave as a ragged column.
     """
@@ -160,18 +160,17 @@ class Decode(DecodeAugment):
         super().__init__(data, train=False)
         self.views = views
         if views.mode != "single":
-            self.transform = T.Compose([*([T.Resize(views.resize, antialias=True)] if views.resize else []),
-                                        T.PILToTensor()])
+            self.transform = T.Resize(views.resize, antialias=True) if views.resize else torch.nn.Identity()
             self.min_side = views.resize or max(views.scales, default=None)
 
     def __call__(self, batch: dict) -> dict:
         if self.views.mode == "single":
-            return super().__call__(batch)
-        rows = [super(Decode, self).__call__({k: batch[k][i:i + 1] for k in ("image", "label", "key")})
+            return super().decode_rows(batch)
+        rows = [super(Decode, self).decode_rows({k: batch[k][i:i + 1] for k in ("image", "label", "key")})
                 for i in range(len(batch["key"]))]
         rows = [r for r in rows if len(r["key"])]
         if not rows:  # every record bad: the empty batch training's decoding gives
-            return super().__call__({k: batch[k][:0] for k in ("image", "label", "key")})
+            return super().decode_rows({k: batch[k][:0] for k in ("image", "label", "key")})
         images = np.empty(len(rows), dtype=object)  # one array per image, not one 4-d array
         for i, r in enumerate(rows):
             images[i] = r["image"][0]

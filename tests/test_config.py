@@ -52,6 +52,7 @@ def test_dotted_overrides_are_typed():
     (["tune.search=random", "tune.space.optim.lr={loguniform: [0, 0.5]}"], "needs low < high and low > 0"),
     (["tune.search=random", "tune.space.optim.momentum={uniform: [0.5, 1.0]}"],  # a range's ends are trials
      "optim.momentum=1.0: Input should be less than 1"),
+    (["data.shuffle_buffer=100"], "data.shuffle_buffer=100: at least twice each worker's batch (64), i.e. 128 or more"),
     (["model"], "override 'model': write overrides as key=value"),
     (["model=resnet50"], "model is a section; override one of its keys"),
 ])
