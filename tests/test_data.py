@@ -62,7 +62,7 @@ def test_validation_is_resize_then_centre_crop_or_the_native_size():
 @pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"),
                                        ("PNG", "P"), ("PNG", "RGBA"), ("WEBP", "RGB"), ("BMP", "RGB"), ("TIFF", "RGB")])
 def test_decode_gives_pils_rgb_pixels_for_every_format(fmt, mode):
-    # JPEG/PNG/WebP through torchvision, the rest through PIL: the same pixels either way.
+    # JPEG/PNG/WebP through TorchCodec, the rest through PIL: the same pixels either way.
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode)
     buf = io.BytesIO()
     img.save(buf, fmt)
