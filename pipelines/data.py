@@ -181,7 +181,7 @@ def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed:
     shards = check_shards(shards_dir, split, verify)
     fs, _ = _fs(shards_dir)
     source = ShardSource(shards, fs, columns, shuffle_seed)
-    return ray.data.read_datasource(source, override_num_blocks=len(source.units))
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.units)))
 
 
 # ---------------------------------------------------------------------------------------------
