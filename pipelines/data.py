@@ -141,7 +141,7 @@ class ShardSource(Datasource):
                     self.units.append((path, list(range(start, i + 1)), rows))
                     start, rows = i + 1, 0
         self.fs, self.columns, self.seed = fs, columns, seed
-        self.bytes = sum(size for _, size, _ in shards)
+        self.bytes, self.rows = sum(size for _, size, _ in shards), sum(n for _, _, n in self.units)
 
     def estimate_inmemory_data_size(self) -> int:
         return self.bytes
@@ -151,11 +151,10 @@ class ShardSource(Datasource):
         if self.seed is not None:
             execution = getattr(data_context, "_execution_idx", 0)
             order = np.random.default_rng([self.seed, execution]).permutation(len(self.units))
-        rows = sum(r for _, _, r in self.units)
         tasks = []
         for k in order:
             path, groups, n = self.units[k]
-            meta = BlockMetadata(num_rows=n, size_bytes=self.bytes * n // max(rows, 1), input_files=[path],
+            meta = BlockMetadata(num_rows=n, size_bytes=self.bytes * n // max(self.rows, 1), input_files=[path],
                                  exec_stats=None)
             tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, path, groups, self.columns), meta,
                                   per_task_row_limit=per_task_row_limit))
