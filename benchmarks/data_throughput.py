@@ -45,9 +45,12 @@ def read_decode(path: str) -> torch.Tensor:
 
 
 def dataloader_rate(root: Path, data, workers: int, batch: int, epochs: int, ours: bool = False) -> float:
-    transform = build_transform(data, train=True)
-    folder = ImageFolder(root, transform=transform, loader=read_decode) if ours else \
-        ImageFolder(root, transform=T.Compose([T.RGB(), *transform.transforms]))
+    if ours:
+        folder = ImageFolder(root, transform=build_transform(data, train=True), loader=read_decode)
+    else:  # torchvision as its users write it
+        folder = ImageFolder(root, transform=T.Compose([
+            T.RGB(), T.RandomResizedCrop(data.crop_size, scale=tuple(data.rrc_scale), antialias=True),
+            T.RandomHorizontalFlip(), T.PILToTensor()]))
     loader = torch.utils.data.DataLoader(folder, batch_size=batch,
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=True, prefetch_factor=4)
@@ -75,7 +78,7 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     data = load_config(ROOT / "ray_config.yaml", ["data.train_transform=rrc", "data.crop_size=224",
-                                                   "data.shuffle_buffer=1024"]).data
+                                                   "data.flip=true", "data.shuffle_buffer=1024"]).data
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "photos"
         size = make_photos(root, a.images)

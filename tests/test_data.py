@@ -14,12 +14,13 @@ import pytest
 import ray.data
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines import shards as S
 from pipelines.config import load_config
-from pipelines.data import (DecodeAugment, ShardSource, ShorterSideRandomResize, build_datasets, build_transform,
-                            check_shards, decode, epoch_batches, to_device)
+from pipelines.data import (DecodeAugment, ShardSource, ShorterSideRandomResize, build_datasets,
+                            build_transform, check_shards, decode, epoch_batches, to_device)
 from pipelines.shards import ShardError
 from tests.conftest import CONFIG, ROOT
 
@@ -41,6 +42,33 @@ def test_training_transforms_give_uint8_crops_of_the_configured_size(kind, crop,
     data = data_cfg(f"data.train_transform={kind}", f"data.crop_size={crop}")
     out = build_transform(data, train=True)(decode(jpeg_bytes(*size)))
     assert out.dtype == torch.uint8 and out.shape == (3, crop, crop)
+
+
+@pytest.mark.parametrize("kind", ["cifar", "paper", "rrc", "val"])
+def test_our_transforms_draw_and_give_the_pixels_of_torchvisions_compose(kind):
+    # build_transform applies torchvision's transforms without T.Compose's per-call machinery, and
+    # crops in HWC memory: seed for seed, the same random draws and pixels as the stock Compose.
+    crop = 32 if kind == "cifar" else 224
+    data = data_cfg(f"data.train_transform={'rrc' if kind == 'val' else kind}", f"data.crop_size={crop}",
+                    "data.flip=true", "data.val_resize=256")
+    stock = {"cifar": [T.RandomCrop(32, padding=4)],
+             "paper": [ShorterSideRandomResize(256, 480), T.RandomCrop(224, pad_if_needed=True)],
+             "rrc": [T.RandomResizedCrop(224, antialias=True)],
+             "val": [T.Resize(256, antialias=True), T.CenterCrop(224)]}[kind]
+    stock = T.Compose(stock + ([] if kind == "val" else [T.RandomHorizontalFlip()]))
+    ours = build_transform(data, train=kind != "val")
+    img = decode(jpeg_bytes(*((32, 32) if kind == "cifar" else (500, 375))))  # 3 x H x W, HWC in memory
+    for seed in range(12):
+        for x in (img, img.contiguous()):  # as decoded, and CHW memory
+            torch.manual_seed(seed)
+            a, after = ours(x), torch.rand(1)
+            torch.manual_seed(seed)
+            assert torch.equal(a, stock(x)) and torch.equal(after, torch.rand(1))
+    torch.manual_seed(0)
+    pil = ours(TF.to_pil_image(img))  # PIL in: the plain Compose, tensor out
+    assert type(pil) is torch.Tensor and pil.shape == (3, crop, crop)
+    if kind == "rrc":  # the crop stays HWC in memory, so batching it is a plain copy
+        assert ours(img).permute(1, 2, 0).is_contiguous()
 
 
 def test_the_papers_scale_augmentation_draws_the_shorter_side_from_its_range():
