@@ -7,7 +7,8 @@
 Reading starts from the manifest: every shard it lists must be there, whole and unaltered, or the
 read stops with the shard's name. Images are decoded and augmented in Ray Data `map_batches` tasks
 on the CPUs training does not use, and travel as uint8 (a quarter of float32's bytes); the
-training device normalises them. The transforms themselves are plain torchvision, testable alone.
+training device normalises them. The transforms are torchvision's (applied per image without
+T.Compose's per-call machinery), testable alone.
 """
 from __future__ import annotations
 
@@ -199,11 +200,11 @@ class ShorterSideRandomResize(torch.nn.Module):
 
 
 class RandomResizedCrop(T.RandomResizedCrop):
-    """torchvision's, the same pixels, twice as fast on a decoded image (HWC in memory).
+    """torchvision's, the same pixels, faster on a decoded image (HWC in memory).
 
-    torchvision resizes a crop view of such an image into CHW memory and repacks it, and the crop
-    then has to be transposed again into the HWC batch: 0.5 ms of a 0.85 ms image (256x192 source,
-    one core). Copying the crop out in HWC first keeps resize and output in HWC throughout.
+    torchvision resizes a crop view of such an image into CHW memory, and the batch then transposes
+    it back to HWC. Copying the crop out in HWC first keeps resize and output in HWC: crop, resize
+    and HWC copy in 0.20 ms against 0.38 ms from a 256x192 photo (0.32 against 0.55 from 500x375).
     """
 
     def transform(self, inpt, params: dict):
