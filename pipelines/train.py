@@ -662,7 +662,10 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None):
         result = trainer.fit()
         log_final(cfg, result, info["mlflow_uri"])
     except BaseException:
-        client.set_terminated(info["mlflow_run_id"], "FAILED")  # resumable: the same run.name continues it
+        # A sweep's trial leaves this to the sweep's driver: Tune stopping a trial (ASHA) kills its
+        # TorchTrainer, and a FAILED written here raced with the driver's KILLED, and could land last.
+        if parent_run_id is None:
+            client.set_terminated(info["mlflow_run_id"], "FAILED")  # resumable: the same run.name continues it
         raise
     client.set_terminated(info["mlflow_run_id"], "FINISHED")
     return result

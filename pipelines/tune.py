@@ -282,9 +282,13 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
                      "trial": (r.metrics or {}).get("trial_id", "")})
         trial_id = (r.metrics or {}).get("trial_id")
         child = trial_id and read_text(directory, f"{trial_config(cfg, values, trial_id).run.name}/mlflow_run_id")
-        if child:  # a trial ASHA stopped never ended its run
+        if child:  # the driver ends the trials' runs: a trial Tune stopped never ended its own
             status = "FAILED" if r.error else ("KILLED" if epochs < planned else "FINISHED")
             client.set_terminated(child.strip(), status)
+    # A trial that failed before its first report has no trial id in its result: its run ends here.
+    for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "
+                                                   "and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "FAILED")
     rows.sort(key=lambda row: (math.isnan(row["best_val_error"]), row["best_val_error"]))
     with tempfile.TemporaryDirectory() as d:
         Path(d, "results.csv").write_text(to_csv(rows))

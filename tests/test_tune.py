@@ -47,7 +47,8 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     by_epochs = sorted(len(epochs_logged(client, c.info.run_id)) for c in children)
     assert by_epochs == sorted(r["epochs"] for r in rows)             # every epoch each trial ran, once
-    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    statuses = {c.info.run_name: c.info.status for c in children}  # a stopped trial's own FAILED once raced these
+    assert set(statuses.values()) <= {"FINISHED", "KILLED"}, (statuses, rows)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.csv", "results.md", "curves.png", "error_vs_depth.png", "config.yaml"}
     table = client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))
@@ -95,7 +96,8 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_pat
     client, parents, children = runs(uri, "resume-test")
     assert len(parents) == 1 and len(children) == 3
     assert all(epochs_logged(client, c.info.run_id) == [1] for c in children)
-    assert {c.info.status for c in children} == {"FINISHED"}
+    statuses = {c.info.run_name: c.info.status for c in children}
+    assert set(statuses.values()) == {"FINISHED"}, (statuses, finished, out.stdout[-3000:] + out.stderr[-3000:])
 
 
 def test_optuna_searches_a_log_uniform_range(tmp_path, ray_session):
