@@ -254,10 +254,15 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
             time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in job.stdout + job.stderr
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30).read().decode()
-        for gauge in ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait",
-                      "ray_resnet_val_error"):
-            assert f'{gauge}{{' in scrape and 'run="submitted"' in scrape, gauge
+        gauges = ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait", "ray_resnet_val_error")
+        deadline = time.time() + 60
+        while True:  # workers hand their gauges to the metrics agent every few seconds: the job may end first
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30).read().decode()
+            missing = [g for g in gauges if f"{g}{{" not in scrape or 'run="submitted"' not in scrape]
+            if not missing or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert not missing, missing
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
