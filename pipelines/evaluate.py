@@ -165,12 +165,12 @@ class Decode(DecodeAugment):
 
     def __call__(self, batch: dict) -> dict:
         if self.views.mode == "single":
-            return super().decode_rows(batch)
-        rows = [super(Decode, self).decode_rows({k: batch[k][i:i + 1] for k in ("image", "label", "key")})
+            return self.decode_rows(batch)
+        rows = [self.decode_rows({k: batch[k][i:i + 1] for k in ("image", "label", "key")})
                 for i in range(len(batch["key"]))]
         rows = [r for r in rows if len(r["key"])]
         if not rows:  # every record bad: the empty batch training's decoding gives
-            return super().decode_rows({k: batch[k][:0] for k in ("image", "label", "key")})
+            return self.decode_rows({k: batch[k][:0] for k in ("image", "label", "key")})
         images = np.empty(len(rows), dtype=object)  # one array per image, not one 4-d array
         for i, r in enumerate(rows):
             images[i] = r["image"][0]
