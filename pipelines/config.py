@@ -8,6 +8,7 @@ Unknown keys are errors, and every error names the key, the value and what is ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import itertools
@@ -31,7 +32,24 @@ MAX_CHECKED_TRIALS = 10_000
 
 
 class ConfigError(ValueError):
-    """A user's mistake in a config file or override; printed without a traceback."""
+    """A user's mistake in a config file, an override or a command-line option: it names the key
+    or option, the value and what is accepted; printed without a traceback."""
+
+
+class SetupError(RuntimeError):
+    """What the job needs around it is not there (a Ray cluster that does not answer, a tracking
+    server that did not start): says what was tried and what would work; printed without a traceback."""
+
+
+@contextlib.contextmanager
+def cli_errors(*more: type[Exception]):
+    """An entry point's ending: a ConfigError or SetupError (or one of `more`) becomes one line on
+    stderr and exit status 2."""
+    try:
+        yield
+    except (ConfigError, SetupError, *more) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class Section(BaseModel):
@@ -43,6 +61,9 @@ class RunSection(Section):
     name: str = Field("digits-resnet20", min_length=1)  # checkpoints, MLflow run, resume key
     seed: int = 0
     max_failures: int = Field(3, ge=-1)      # restarts from the last checkpoint after a worker dies; -1: always
+    progress_s: float = Field(30, ge=0)      # a progress line this often within an epoch when the output
+                                             # is not a terminal (a terminal gets a bar); 0: none
+    verbose: bool = False                    # Ray's own log lines on the console too (else only in its logs)
 
 
 class DataSection(Section):
@@ -367,9 +388,13 @@ def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="ray_config.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own log lines on the console too (the same as run.verbose=true)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.depth=56 optim.lr=0.05")
     args = parser.parse_args(argv)
+    if args.verbose:
+        args.overrides.append("run.verbose=true")
     try:
         if preset:  # the file's own tune.space may not suit the family the command line picks
             cfg = load_config(args.config, [*preset(load_config(args.config, ["tune.space={}", *args.overrides])),

@@ -12,41 +12,31 @@ T.Compose's per-call machinery), testable alone.
 """
 from __future__ import annotations
 
+import copy
 import functools
-import hashlib
 import io
-import json
 import logging
 import math
 import os
 import warnings
 
 import numpy as np
-import pyarrow.fs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.data._internal.execution.resource_manager import ResourceManager
 from ray.data.datasource import Datasource, ReadTask
+from ray.train import DataConfig
 from torchcodec.decoders import decode_image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines.config import HOME, DataSection
-from pipelines.shards import FORMAT, SPLITS, ShardError
+from pipelines.ray_internals import execution_count
+from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest
 
 log = logging.getLogger(__name__)
-
-# Ray 2.60's streaming executor starts every execution (every epoch) seeing a cluster with no CPUs:
-# its first look comes back empty while Ray's autoscaling coordinator answers asynchronously, and it
-# keeps that answer for GLOBAL_LIMITS_UPDATE_INTERVAL_S (1 s), running one task at a time meanwhile,
-# however large the cluster. Looking again after 0.1 s took a 6,083-image epoch on 2 CPUs from
-# 6.4-6.7 s to 5.7-5.9 s. Set on import: the process that runs a dataset (the driver, or Ray Train's
-# split coordinator) imports this module to unpickle DecodeAugment.
-if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > 0.1:
-    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.1
 
 # Rows per read task (whole Parquet row groups of one shard). Ray Data left a CPU idle for about
 # 0.2 s between one task and the next, so tasks of one 256-row group (0.3 s of decoding) lost a
@@ -55,70 +45,6 @@ ROWS_PER_TASK = 1024
 # AlexNet / fb.resnet.torch PCA lighting: eigenvalues and eigenvectors of ImageNet's RGB covariance
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
-
-
-def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """A local path, or an s3:// / gs:// URI (clusters keep shards on shared storage)."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def load_manifest(shards_dir: str) -> dict:
-    fs, root = _fs(shards_dir)
-    try:
-        with fs.open_input_stream(f"{root}/manifest.json") as f:
-            manifest = json.loads(f.read())
-    except (FileNotFoundError, OSError) as e:
-        raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({e}); write the shards with "
-                         "python -m pipelines.shards, or finish that run by running it again") from None
-    except ValueError as e:
-        raise ShardError(f"{shards_dir}/manifest.json: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{shards_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[tuple[str, int, list[int]]]:
-    """(path, bytes, rows of each Parquet row group) of the split's shards, after checking each
-    against the manifest.
-
-    verify="size": present, the recorded size, the recorded rows in its Parquet footer (cheap:
-    catches missing and truncated shards). verify="sha256": also the checksum (reads every byte).
-    """
-    if split not in SPLITS:
-        raise ShardError(f"split={split!r}: one of {', '.join(SPLITS)}")
-    if verify not in ("size", "sha256"):
-        raise ShardError(f"verify={verify!r}: 'size' or 'sha256'")
-    manifest = load_manifest(shards_dir)
-    fs, root = _fs(shards_dir)
-    paths = []
-    for shard in manifest["splits"][split]["shards"]:
-        path = f"{root}/{shard['file']}"
-        where = f"{shards_dir.rstrip('/')}/{shard['file']}"
-        info = fs.get_file_info(path)
-        if info.type != pyarrow.fs.FileType.File:
-            raise ShardError(f"{where}: missing (the manifest lists {shard['rows']} rows in it)")
-        if info.size != shard["bytes"]:
-            raise ShardError(f"{where}: {info.size:,} bytes, the manifest records {shard['bytes']:,} "
-                             "(truncated or replaced); rewrite the shards")
-        try:
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
-            rows, groups = meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        except Exception as e:
-            raise ShardError(f"{where}: not a readable Parquet file ({e})") from None
-        if rows != shard["rows"]:
-            raise ShardError(f"{where}: {rows} rows, the manifest records {shard['rows']}")
-        if verify == "sha256":
-            digest = hashlib.sha256()
-            with fs.open_input_stream(path) as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            if digest.hexdigest() != shard["sha256"]:
-                raise ShardError(f"{where}: SHA-256 differs from the manifest's (altered); rewrite the shards")
-        paths.append((path, info.size, groups))
-    return paths
 
 
 class ShardSource(Datasource):
@@ -150,8 +76,7 @@ class ShardSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         order = range(len(self.units))
         if self.seed is not None:
-            execution = getattr(data_context, "_execution_idx", 0)
-            order = np.random.default_rng([self.seed, execution]).permutation(len(self.units))
+            order = np.random.default_rng([self.seed, execution_count(data_context)]).permutation(len(self.units))
         tasks = []
         for k in order:
             path, groups, n = self.units[k]
@@ -179,7 +104,7 @@ def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed:
     """
     import ray.data
     shards = check_shards(shards_dir, split, verify)
-    fs, _ = _fs(shards_dir)
+    fs, _ = fs_and_path(shards_dir)
     source = ShardSource(shards, fs, columns, shuffle_seed)
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.units)))
 
@@ -286,9 +211,10 @@ class DecodeAugment:
 
     Taking whole blocks lets Ray fuse the read and the decode into one task (a batch_size would
     keep them apart, with every encoded row passing through the object store in between).
-    A row that fails to decode is logged with its key and dropped (data.bad_records=skip), or
-    stops the run naming it (fail). The epoch's count of dropped rows is the manifest's rows minus
-    the rows seen, which the training loop reports.
+    A row that fails to decode is logged with its key and kept as a placeholder, label -1 and a
+    blank image (data.bad_records=skip), or stops the run naming it (fail). Placeholders travel
+    with the rest, so the training loop counts them apart from the rows it drops with a final
+    partial batch, and leaves them out of the step (usable_rows).
     """
 
     def __init__(self, data: DataSection, train: bool):
@@ -303,27 +229,32 @@ class DecodeAugment:
     def decode_rows(self, batch: dict) -> dict:
         if self.train:  # torch's global RNG starts equal in every process: draw fresh per batch
             torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        images, labels, keys = [], [], []
+        images, labels = [], []
         for data, label, key in zip(batch["image"], batch["label"], batch["key"]):
             try:
                 images.append(self.transform(decode(data, self.min_side)).permute(1, 2, 0))
+                labels.append(label)
             except Exception as e:
                 if self.data.bad_records == "fail":
                     raise ShardError(f"{key}: cannot decode ({type(e).__name__}: {e}); "
                                      "set data.bad_records=skip to skip such records") from e
                 log.warning("skipping %s: cannot decode (%s: %s)", key, type(e).__name__, e)
-                continue
-            labels.append(label)
-            keys.append(key)
+                images.append(None)
+                labels.append(-1)
         c = self.data.crop_size
+        shape = next((image.shape for image in images if image is not None), (c, c, 3))
         # One C-order array: np.stack of HWC views keeps their strides, and Ray Data's conversion to
         # an Arrow block then spent longer reordering it than decoding. numpy allocates it (in huge
         # pages: torch.empty's page faults cost 0.03 ms an image); torch copies (a CHW crop into
         # HWC at twice numpy's speed).
-        out = np.empty((len(images), *(images[0].shape if images else (c, c, 3))), np.uint8)
+        out = np.empty((len(images), *shape), np.uint8)
         for i, image in enumerate(images):
-            torch.from_numpy(out[i]).copy_(image)
-        return {"image": out, "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}
+            if image is None:
+                out[i] = 0
+            else:
+                torch.from_numpy(out[i]).copy_(image)
+        return {"image": out, "label": np.asarray(labels, dtype=np.int64),
+                "key": np.asarray(batch["key"], dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +298,40 @@ class Collate(NumpyBatchCollateFn):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
                     "key": list(batch["key"])}
+
+
+def usable_rows(batch: dict) -> tuple[dict, int]:
+    """(the batch without its undecodable rows' placeholders, how many there were), on the host."""
+    bad = batch["label"] < 0
+    n = int(bad.sum())
+    if not n:
+        return batch, 0
+    keep = ~bad
+    return {"image": batch["image"][keep], "label": batch["label"][keep],
+            "key": [k for k, ok in zip(batch["key"], keep.tolist()) if ok]}, n
+
+
+class Ingest(DataConfig):
+    """How the datasets reach the Ray Train workers: training split equally (every worker must take
+    the same number of DDP steps), validation split unequally so that no image is dropped."""
+
+    def __init__(self, deterministic: bool):
+        with warnings.catch_warnings():  # Ray's own defaults trip its exclude_resources deprecation
+            warnings.simplefilter("ignore")
+            self.options = copy.deepcopy(DataConfig.default_ingest_options())
+        self.options.preserve_order = deterministic
+        super().__init__(execution_options=self.options)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train calls this once per dataset.
+        out = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
+                                worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"]
+            val.context.execution_options = copy.deepcopy(self.options)
+            for i, split in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                out[i]["val"] = split
+        return out
 
 
 def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: int, train: bool):

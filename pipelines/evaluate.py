@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -43,17 +42,18 @@ from torch import nn
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.config import Config, ConfigError, DataSection, load_config
-from pipelines.data import DecodeAugment, load_manifest, read_shards, shards_dir, to_device
-from pipelines.shards import ShardError
-from pipelines.train import (check_cluster, fluent_mlflow, load_state, mlflow_client, precision, quiet_ray_data,
-                             start_ray)
+from pipelines.checkpoint import find_checkpoint
+from pipelines.config import Config, ConfigError, DataSection, cli_errors, load_config
+from pipelines.data import DecodeAugment, read_shards, shards_dir, to_device
+from pipelines.recipe import numerics
+from pipelines.runtime import check_cluster, start_ray
+from pipelines.shards import ShardError, load_manifest
+from pipelines.tracking import fluent_mlflow, mlflow_client
 from resnet_models import build_model
 
 MODES = ("single", "10crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)  # Table 4's shorter sides, for 224-pixel training crops
 PAPER_CROP, PAPER_RESIZE = 224, 256       # Table 3's 10-crop: 224 crops of the 256-shorter-side image
-STATE_KEYS = {"model", "config", "history", "epoch", "model_name"}  # what evaluation reads of state.pt
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ class Decode(DecodeAugment):
     single: the training's validation transform (fixed size, stacked). 10crop: the shorter side
     resized (as training's validation resize); multiscale: the native size, resized per scale
     by the scorer. Those sizes may differ between images, so rows go through DecodeAugment (and its
-    bad-record handling: data.bad_records) one at a time and leave as a ragged column.
+    bad-record handling: data.bad_records) one at a time and leave as a ragged column. Rows that
+    could not be decoded (label -1) are left out here; the result counts them as skipped.
     """
 
     def __init__(self, data: DataSection, views: Views):
@@ -165,10 +166,12 @@ class Decode(DecodeAugment):
 
     def __call__(self, batch: dict) -> dict:
         if self.views.mode == "single":
-            return self.decode_rows(batch)
+            out = self.decode_rows(batch)
+            ok = out["label"] >= 0
+            return out if ok.all() else {k: v[ok] for k, v in out.items()}
         rows = [self.decode_rows({k: batch[k][i:i + 1] for k in ("image", "label", "key")})
                 for i in range(len(batch["key"]))]
-        rows = [r for r in rows if len(r["key"])]
+        rows = [r for r in rows if r["label"][0] >= 0]
         if not rows:  # every record bad: the empty batch training's decoding gives
             return self.decode_rows({k: batch[k][:0] for k in ("image", "label", "key")})
         images = np.empty(len(rows), dtype=object)  # one array per image, not one 4-d array
@@ -184,7 +187,8 @@ class Scorer:
 
     def __init__(self, model: nn.Module, cfg: Config, views: Views, max_batch: int):
         self.device = torch.device("cuda" if cfg.scaling.gpus_per_worker else "cpu")
-        self.amp, self.channels_last = precision(cfg, self.device)
+        num = numerics(cfg, self.device)
+        self.amp, self.channels_last = num.amp, num.channels_last
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -219,8 +223,9 @@ def evaluate_split(model: nn.Module, cfg: Config, views: Views, max_batch: int) 
     if classes != outputs:
         raise ConfigError(f"data.shards={directory}: {classes} classes, the model has {outputs} outputs; "
                           "give the shards the model trained on (--shards DIR)")
-    quiet_ray_data()
-    start_ray(cfg)
+    ray_line = start_ray(cfg)
+    if ray_line:
+        print(ray_line, flush=True)
     check_cluster(cfg)
     sc = cfg.scaling
     # Blocks of decode_batch rows, streamed: a shard is one block as read, and a small split (the
@@ -253,36 +258,6 @@ def evaluate_split(model: nn.Module, cfg: Config, views: Views, max_batch: int) 
 
 # ---------------------------------------------------------------------------------------------
 # The model and the config it trained with
-
-def find_checkpoint(path: str) -> tuple[dict, str]:
-    """(state.pt's contents, the checkpoint directory): PATH itself when it holds a state.pt, else the
-    checkpoint_* directory of the run directory PATH with the lowest validation error."""
-    from ray.train import Checkpoint
-    where = Path(path).expanduser()
-    accepted = "give a checkpoint_* directory of a run or a run directory"
-    if not where.is_dir():
-        raise ConfigError(f"{path}: no such directory; {accepted}")
-    candidates = [where] if (where / "state.pt").is_file() else sorted(
-        c for c in where.glob("checkpoint_*") if (c / "state.pt").is_file())
-    if not candidates:
-        raise ConfigError(f"{path}: no state.pt and no checkpoint_* directories holding one; {accepted}")
-    states = {}
-    for c in candidates:
-        try:
-            states[c] = load_state(Checkpoint.from_directory(str(c)))
-            missing = sorted(STATE_KEYS - set(states[c]))
-        except Exception as e:
-            missing = [f"({type(e).__name__}: {e})"]
-        if missing:
-            raise ConfigError(f"{c}/state.pt: not a checkpoint pipelines.train wrote (no {', '.join(missing)}); "
-                              f"{accepted}") from None
-    best = min(states, key=lambda c: states[c]["history"][-1]["val_error"])
-    if best != where:
-        row = states[best]["history"][-1]
-        print(f"{path}: picked {best.name} (epoch {row['epoch']}, validation error {row['val_error']:.2%}), "
-              f"the lowest of {len(states)} checkpoints", flush=True)
-    return states[best], str(best)
-
 
 def rebuild(trained: dict, weights: dict, where: str) -> nn.Module:
     """The network a run's config describes, with the given weights."""
@@ -418,11 +393,8 @@ def summary(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with cli_errors():
         result = evaluate(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(summary(result), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

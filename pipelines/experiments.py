@@ -9,20 +9,23 @@ the bundled digits is never read as CIFAR-10. Overrides after the experiment's n
 budget or grid, e.g. `schedule.epochs=20` or `tune.space.model.depth=[20, 110]`; a second run with
 the same tune.name resumes.
 
-Reference numbers: ../shared/reference/resnet_paper.md (He et al. 2015; He et al. 2016,
-"Identity Mappings in Deep Residual Networks").
+The papers' numbers are resnet_models/paper.py's tables (docs/papers.md gives their sources).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from pipelines.config import Config, ConfigError, parse_cli
-from pipelines.data import load_manifest, shards_dir
-from pipelines.train import mlflow_client, read_text
+from pipelines.checkpoint import read_text
+from pipelines.config import Config, ConfigError, cli_errors, parse_cli
+from pipelines.data import shards_dir
+from pipelines.plots import against_paper, plain_vs_residual
+from pipelines.shards import load_manifest
+from pipelines.tracking import mlflow_client
 from pipelines.tune import label, sweep, sweep_dir, trial_config, varying
+from resnet_models.paper import CIFAR_TABLE6, IDENTITY_110, IMAGENET_TOP1
 from resnet_models.spec import SHORTCUT_VARIANTS, UNITS, ModelConfig
 
 # experiment -> model family -> tune.space; every other setting comes from the config
@@ -46,16 +49,6 @@ GRIDS: dict[str, dict[str, dict[str, list]]] = {
                   + [{"unit": u} for u in UNITS if u != "original"]},
     },
 }
-
-# The papers' errors in %, from ../shared/reference/resnet_paper.md
-CIFAR_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
-IMAGENET_TOP1 = {(False, 18, "A"): 27.94, (False, 34, "A"): 28.54, (True, 18, "A"): 27.88, (True, 34, "A"): 25.03,
-                 (True, 34, "B"): 24.52, (True, 34, "C"): 24.19, (True, 50, "B"): 22.85, (True, 101, "B"): 21.75,
-                 (True, 152, "B"): 21.43}
-IDENTITY_110 = {"identity": "6.61", "constant_scaling": "12.35", "exclusive_gating": "8.70",
-                "shortcut_only_gating": "6.91", "conv1x1": "12.22", "dropout": "fails",
-                "bn_after_add": "8.17", "relu_before_add": "7.84", "relu_only_preact": "6.71", "full_preact": "6.37"}
-
 
 def paper_error(m: ModelConfig) -> tuple[str, str]:
     """(the papers' error in % for this net, where it is from), or ("—", why there is none)."""
@@ -156,49 +149,6 @@ def degradation_claims(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(rows: list[dict], path: str, title: str) -> None:
-    """Paper Fig. 6 style: thin lines training error, bold lines validation error; plain nets left,
-    ResNets right (one panel when the experiment has only one kind)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    kinds = sorted({t["model"].residual for t in rows})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True, squeeze=False)
-    for ax, residual in zip(axes[0], kinds):
-        for i, t in enumerate(t for t in rows if t["model"].residual == residual):
-            ax.plot(t["epochs"], [100 * e for e in t["train_error"]], lw=1, color=f"C{i % 10}")
-            ax.plot(t["epochs"], [100 * e for e in t["val_error"]], lw=2.5, color=f"C{i % 10}", label=t["label"])
-        ax.set(xlabel="epoch", title="ResNets" if residual else "plain nets")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("error (%): thin training, bold validation")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_against_paper(rows: list[dict], path: str, title: str) -> None:
-    """Our final validation error beside the paper's, one pair of bars per net."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [t["label"] for t in rows]
-    ours = [100 * t["val_error"][-1] for t in rows]
-    paper = [float(p) if p.replace(".", "").isdigit() else math.nan for p, _ in map(paper_error, (t["model"] for t in rows))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4.5))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="ours: final validation error")
-    ax.bar([i + 0.2 for i in x], paper, width=0.4, label="paper (its dataset)")
-    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="error (%)", title=title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(experiment: str, cfg: Config, grid, command: str) -> Path:
     """report.md and its plots in <sweep>/report/, and into the sweep's MLflow parent run."""
     rows = trials(cfg, grid)
@@ -207,8 +157,11 @@ def report(experiment: str, cfg: Config, grid, command: str) -> Path:
     out = Path(sweep_dir(cfg)) / "report"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{experiment}: {rows[0]['model'].family} nets"
-    plot_curves(rows, str(out / f"{experiment}.png"), title)
-    plot_against_paper(rows, str(out / "against_paper.png"), f"{experiment}: ours beside the paper's")
+    plain_vs_residual([{**t, "residual": t["model"].residual} for t in rows], title, str(out / f"{experiment}.png"))
+    papers = [paper_error(t["model"])[0] for t in rows]
+    against_paper([t["label"] for t in rows], [100 * t["val_error"][-1] for t in rows],
+                  [float(p) if p.replace(".", "").isdigit() else None for p in papers],
+                  f"{experiment}: ours beside the paper's", str(out / "against_paper.png"))
     failed = [t["label"] for t in rows if t["error"]]
     text = (f"# Experiment: {experiment}\n\n`{command}`\n\n{describe_data(cfg)}\n"
             + (degradation_claims(rows) + "\n" if experiment == "degradation" else "")
@@ -229,21 +182,30 @@ def run(experiment: str, cfg: Config, command: str = "") -> Path:
     return report(experiment, cfg, grid, command or f"python -m pipelines.experiments {experiment}")
 
 
+WHAT = {"degradation": "plain nets against ResNets as depth grows (2015 Fig. 6, Table 2)",
+        "depth": "ResNets of increasing depth (2015 Table 6 on CIFAR, Table 3 on ImageNet)",
+        "shortcuts": "shortcut options A, B and C (2015 Table 3)",
+        "identity": "ResNet-110's shortcut and activation variants (2016 Tables 1 and 2)"}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in GRIDS:
-        print(f"usage: python -m pipelines.experiments {{{','.join(GRIDS)}}} --config ray_config.yaml "
-              f"[key=value ...]\nerror: the first argument names the experiment: one of {', '.join(GRIDS)}",
-              file=sys.stderr)
-        raise SystemExit(2)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.experiments",
+        description="Run one of the papers' experiments as a Tune grid of full trainings and report it beside "
+                    "the papers' numbers.",
+        epilog="experiments:\n" + "\n".join(f"  {name:<12} {text}" for name, text in WHAT.items())
+               + "\n\nAfter the name, the training options: --config PATH, --print-config, key=value "
+                 "overrides (python -m pipelines.experiments depth --help lists them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=list(GRIDS), help="which experiment")
+    if not argv or argv[0] not in GRIDS:  # --help, or no or a wrong name: argparse says which are accepted
+        parser.parse_args(argv[:1] or [])
     experiment = argv.pop(0)
-    cfg = parse_cli(argv, f"Run the {experiment} experiment as a Tune grid and report it beside the paper.",
-                    preset=preset(experiment))
-    try:
+    cfg = parse_cli(argv, f"Run the {experiment} experiment ({WHAT[experiment]}) as a Tune grid and report it "
+                          "beside the papers' numbers.", preset=preset(experiment))
+    with cli_errors():
         path = run(experiment, cfg, " ".join(["python -m pipelines.experiments", experiment, *argv]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"\n{path.read_text()}\nreport: {path}")
 
 

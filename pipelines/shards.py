@@ -1,6 +1,7 @@
 """Image datasets -> Parquet shards:  python -m pipelines.shards --source SOURCE --root PATH --out DIR
 
-The first stage (shards -> data -> train). Output:
+The first stage (shards -> data -> train), and the reading side of its format (load_manifest,
+check_shards). Output:
     DIR/train/part-00000.parquet ...   columns image (encoded bytes), label, class_id, key, height, width
     DIR/val/part-00000.parquet ...
     DIR/manifest.json                  classes, rows and SHA-256 per shard, options, every skipped file
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -504,6 +506,73 @@ def manifest_summary(manifest: dict, seconds: float, stream) -> None:
           + f"; ignored {len(manifest['ignored'])} non-image or hidden files", file=stream)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading the format back: the manifest and the shards it lists, checked
+
+def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A local path, or an s3:// / gs:// URI (clusters keep shards on shared storage)."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def load_manifest(shards_dir: str) -> dict:
+    fs, root = fs_and_path(shards_dir)
+    try:
+        with fs.open_input_stream(f"{root}/manifest.json") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError) as e:
+        raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({e}); write the shards with "
+                         "python -m pipelines.shards, or finish that run by running it again") from None
+    except ValueError as e:
+        raise ShardError(f"{shards_dir}/manifest.json: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{shards_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[tuple[str, int, list[int]]]:
+    """(path, bytes, rows of each Parquet row group) of the split's shards, after checking each
+    against the manifest.
+
+    verify="size": present, the recorded size, the recorded rows in its Parquet footer (cheap:
+    catches missing and truncated shards). verify="sha256": also the checksum (reads every byte).
+    """
+    if split not in SPLITS:
+        raise ShardError(f"split={split!r}: one of {', '.join(SPLITS)}")
+    if verify not in ("size", "sha256"):
+        raise ShardError(f"verify={verify!r}: 'size' or 'sha256'")
+    manifest = load_manifest(shards_dir)
+    fs, root = fs_and_path(shards_dir)
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = f"{root}/{shard['file']}"
+        where = f"{shards_dir.rstrip('/')}/{shard['file']}"
+        info = fs.get_file_info(path)
+        if info.type != pyarrow.fs.FileType.File:
+            raise ShardError(f"{where}: missing (the manifest lists {shard['rows']} rows in it)")
+        if info.size != shard["bytes"]:
+            raise ShardError(f"{where}: {info.size:,} bytes, the manifest records {shard['bytes']:,} "
+                             "(truncated or replaced); rewrite the shards")
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+            rows, groups = meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        except Exception as e:
+            raise ShardError(f"{where}: not a readable Parquet file ({e})") from None
+        if rows != shard["rows"]:
+            raise ShardError(f"{where}: {rows} rows, the manifest records {shard['rows']}")
+        if verify == "sha256":
+            digest = hashlib.sha256()
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                raise ShardError(f"{where}: SHA-256 differs from the manifest's (altered); rewrite the shards")
+        paths.append((path, info.size, groups))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -525,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-labels", type=Path, help="imagenet: LOC_val_solution.csv or the ground-truth txt")
     p.add_argument("--devkit", type=Path, help="imagenet: ILSVRC2012_devkit_t12 folder")
     a = p.parse_args(argv)
-    try:
+    from pipelines.config import cli_errors  # only here: the writer itself needs neither torch nor pydantic
+    with cli_errors(ShardError):
         for name, v, lo in (("--rows-per-shard", a.rows_per_shard, 1), ("--max-side", a.max_side, 1),
                             ("--workers", a.workers, 1), ("--image-size", a.image_size, 8)):
             if v is not None and v < lo:
@@ -547,9 +617,6 @@ def main(argv: list[str] | None = None) -> None:
         opts = Options(rows_per_shard=a.rows_per_shard, shard_mb=a.shard_mb, max_side=a.max_side,
                        quality=a.quality, seed=a.seed, max_pixels=a.max_pixels)
         write_shards(source, a.out, opts, workers=a.workers)
-    except ShardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

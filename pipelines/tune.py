@@ -15,15 +15,17 @@ from __future__ import annotations
 import csv
 import io
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipelines.config import Config, ConfigError, candidates, parse_cli, set_trial_value
-from pipelines.train import (ensure_experiment, fit, flat_params, free_port, mlflow_client, quiet_ray_data,
-                             read_text, save_text, start_ray)
+from pipelines.checkpoint import read_text
+from pipelines.config import Config, ConfigError, candidates, cli_errors, parse_cli, set_trial_value
+from pipelines.plots import error_vs_depth, trial_curves
+from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
+from pipelines.tracking import ensure_experiment, local_tracking_server, mlflow_client, open_sweep_run, quiet_mlflow
+from pipelines.train import fit
 
 
 def varying(cfg: Config) -> list[str]:
@@ -66,24 +68,14 @@ def run_trial(config: dict) -> None:
     base = Config.model_validate(config["base"])
     params = {k: config[k] for k in config["keys"]}
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
-    quiet_ray_data()
     fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"])
-
-
-TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer, which holds the real resources
-
-
-def per_trial_resources(cfg: Config) -> tuple[float, float]:
-    """CPUs and GPUs one trial holds: its workers, one CPU for its Ray Data decoding, its driver."""
-    sc = cfg.scaling
-    return sc.num_workers * sc.cpus_per_worker + 1 + TRIAL_CPU, sc.num_workers * sc.gpus_per_worker
 
 
 def concurrency(cfg: Config) -> int:
     """As many trials at once as the cluster holds without oversubscribing (or tune.max_concurrent_trials)."""
     import ray
     total = ray.cluster_resources()
-    cpus, gpus = per_trial_resources(cfg)
+    cpus, gpus = trial_resources(cfg)
     fit_cpu = int(total.get("CPU", 0) // cpus)
     fit_gpu = int(total.get("GPU", 0) // gpus) if gpus else fit_cpu
     most = max(min(fit_cpu, fit_gpu), 1)
@@ -111,30 +103,6 @@ def search_space(cfg: Config) -> dict:
             else choose(values) for key, values in cfg.tune.space.items()}
 
 
-def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
-    """An MLflow server over the embedded SQLite store: parallel trials then write through one
-    process instead of locking the database file against each other."""
-    import urllib.request
-    port = free_port()
-    db = uri.removeprefix("sqlite:///")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                             "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5)
-            return url, proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise ConfigError(f"mlflow.tracking_uri={uri}: could not start a local MLflow server for "
-                                  "parallel trials; set MLFLOW_TRACKING_URI to a tracking server") from None
-            time.sleep(1)
-
-
 def _epochs(cfg: Config, trial: dict) -> int:
     return int(trial.get("schedule.epochs", cfg.schedule.epochs))
 
@@ -158,42 +126,20 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def plots(grid, rows: list[dict], cfg: Config, directory: str) -> list[str]:
-    """best validation error against depth, one line per learning rate; all trials' curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """best validation error against depth, one line per value of the other keys; all trials' curves."""
     paths = []
     if "model.depth" in varying(cfg):
-        fig, ax = plt.subplots(figsize=(6, 4))
         other = [k for k in varying(cfg) if k != "model.depth" and isinstance(cfg.tune.space[k], list)]
         groups: dict = {}
         for r in rows:
-            groups.setdefault(label(r, other) or "all", []).append(
-                (r["model.depth"], r["best_val_error"]))
-        for name, points in sorted(groups.items()):
-            points.sort()
-            ax.plot([d for d, _ in points], [100 * e for _, e in points], marker="o", label=name)
-        ax.set(xlabel="depth", ylabel="best validation error (%)", title=f"{cfg.tune.name}: error against depth")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+            groups.setdefault(label(r, other) or "all", []).append((r["model.depth"], r["best_val_error"]))
         paths.append(f"{directory}/error_vs_depth.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(grid):
-        df = r.metrics_dataframe
-        if df is None or "val_error" not in df:
-            continue
-        ax.plot(df["epoch"], 100 * df["train_error"], lw=1, color=f"C{i % 10}")
-        ax.plot(df["epoch"], 100 * df["val_error"], lw=2.5, color=f"C{i % 10}", label=label(r.config, varying(cfg)))
-    ax.set(xlabel="epoch", ylabel="error (%)", title=f"{cfg.tune.name}: training (thin) and validation (bold)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+        error_vs_depth(groups, f"{cfg.tune.name}: error against depth", paths[-1])
+    curves = [{"label": label(r.config, varying(cfg)), "epochs": list(df["epoch"]),
+               "train_error": list(df["train_error"]), "val_error": list(df["val_error"])}
+              for r in grid if (df := r.metrics_dataframe) is not None and "val_error" in df]
     paths.append(f"{directory}/curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    trial_curves(curves, cfg.tune.name, paths[-1])
     return paths
 
 
@@ -202,8 +148,11 @@ def sweep(cfg: Config):
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
     search_alg = searcher(cfg)  # a missing Optuna, said before anything starts
-    quiet_ray_data()
-    start_ray(cfg)
+    if not cfg.run.verbose:
+        quiet_mlflow()
+    ray_line = start_ray(cfg)
+    if ray_line:
+        print(ray_line, flush=True)
     limit = concurrency(cfg)
     uri = cfg.mlflow.resolved_uri()
     server = None
@@ -229,17 +178,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
     directory = sweep_dir(cfg)
-    parent = read_text(directory, "mlflow_parent_run_id")
-    if parent:
-        client.update_run(parent.strip(), status="RUNNING")
-        parent = parent.strip()
-    else:
-        parent = client.create_run(experiment_id, run_name=cfg.tune.name).info.run_id
-        from mlflow.entities import Param
-        items = [Param(f"tune.{k}", v) for k, v in flat_params(cfg.tune.model_dump(mode="json")).items()]
-        client.log_batch(parent, params=items)
-        client.log_text(parent, cfg.to_yaml(), "config.yaml")
-        save_text(directory, "mlflow_parent_run_id", parent)
+    parent = open_sweep_run(cfg, uri, experiment_id, directory)
 
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
@@ -304,11 +243,8 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(argv, "Search the tune.space of ray_config.yaml with Ray Tune and ASHA.")
-    try:
+    with cli_errors():
         rows, _ = sweep(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     if not rows or math.isnan(rows[0]["best_val_error"]):
         print("no trial finished an epoch", file=sys.stderr)
         raise SystemExit(1)

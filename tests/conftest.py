@@ -37,7 +37,7 @@ def ray_session():
     it a trial stopped by ASHA leaks its workers' CPUs.
     """
     import ray
-    from pipelines.train import init_local_ray
+    from pipelines.runtime import init_local_ray
     if not ray.is_initialized():
         init_local_ray(num_cpus=5, log_to_driver=False, configure_logging=False)
     yield ray

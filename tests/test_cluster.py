@@ -32,8 +32,8 @@ RUNTIME_ENV = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
 
 
 def project_gauges() -> set[str]:
-    """The Prometheus names of pipelines/train.py's gauges (Ray prefixes "ray_")."""
-    from pipelines.train import Gauges
+    """The Prometheus names of pipelines/tracking.py's gauges (Ray prefixes "ray_")."""
+    from pipelines.tracking import Gauges
     return {f"ray_{g._name}" for g in Gauges("any", 0).gauges.values()}
 
 

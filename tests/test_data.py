@@ -20,8 +20,8 @@ from torchvision.transforms.v2 import functional as TF
 from pipelines import shards as S
 from pipelines.config import load_config
 from pipelines.data import (DecodeAugment, ShardSource, ShorterSideRandomResize, build_datasets,
-                            build_transform, check_shards, decode, epoch_batches, to_device)
-from pipelines.shards import ShardError
+                            build_transform, decode, epoch_batches, to_device)
+from pipelines.shards import ShardError, check_shards
 from tests.conftest import CONFIG, ROOT
 
 
@@ -112,10 +112,12 @@ def test_bad_records_are_skipped_and_logged_or_fail_naming_the_key(caplog):
              "label": np.array([3, 4, 5]), "key": np.array(["a", "bad/key.jpg", "c"], dtype=object)}
     with caplog.at_level(logging.WARNING):  # a read block in, decode_batch rows at a time out
         chunks = list(DecodeAugment(data_cfg("data.decode_batch=2"), train=True)(batch))
-    assert [list(c["key"]) for c in chunks] == [["a"], ["c"]]
+    # the bad row stays as a placeholder (label -1, blank), so the epoch counts it apart from dropped rows
+    assert [list(c["key"]) for c in chunks] == [["a", "bad/key.jpg"], ["c"]]
     out = {k: np.concatenate([c[k] for c in chunks]) for k in ("image", "label")}
-    assert list(out["label"]) == [3, 5]
-    assert out["image"].shape == (2, 32, 32, 3) and out["image"].dtype == np.uint8
+    assert list(out["label"]) == [3, -1, 5]
+    assert out["image"].shape == (3, 32, 32, 3) and out["image"].dtype == np.uint8
+    assert not out["image"][1].any() and out["image"][0].any()
     assert "skipping bad/key.jpg" in caplog.text
     with pytest.raises(ShardError, match="bad/key.jpg: cannot decode"):
         list(DecodeAugment(data_cfg("data.bad_records=fail"), train=True)(batch))

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines.checkpoint import find_checkpoint, load_state
 from pipelines.config import ConfigError, load_config
 from pipelines.data import shards_dir
-from pipelines.evaluate import (Views, choose_views, count_hits, evaluate, find_checkpoint, main, mean_scores,
-                                model_from_checkpoint, parse_args, resolve_config)
-from pipelines.train import fit, load_state
+from pipelines.evaluate import (Views, choose_views, count_hits, evaluate, main, mean_scores, model_from_checkpoint,
+                                parse_args, resolve_config)
+from pipelines.train import fit
 from resnet_models import build_model
 from tests.conftest import CONFIG
 

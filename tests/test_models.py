@@ -5,16 +5,13 @@ import torchvision
 from torch import nn
 
 from resnet_models import ModelConfig, ModelSpecError, build_model, list_models, model_stats
+from resnet_models.paper import CIFAR_PARAMS_M, IMAGENET_SIZES
 from resnet_models.resnet import Block
 
-# ../shared/reference/resnet_paper.md: torchvision's params and GMACs (v1.5), paper Table 1 (v1).
-IMAGENET = {18: (11_689_512, 1.814, 1.8), 34: (21_797_672, 3.664, 3.6),
-            50: (25_557_032, 4.089, 3.8), 101: (44_549_160, 7.801, 7.6),
-            152: (60_192_808, 11.514, 11.3)}
-# Paper Table 6 (CIFAR, option A), in millions, as printed; the follow-up paper for 164 and 1001.
-CIFAR = {"cifar_resnet20": 0.27, "cifar_resnet32": 0.46, "cifar_resnet44": 0.66,
-         "cifar_resnet56": 0.85, "cifar_resnet110": 1.7, "cifar_resnet1202": 19.4,
-         "preact_resnet164": 1.7}
+# The papers' tables (docs/papers.md has their sources): ImageNet params and GMACs from torchvision
+# (v1.5) and the paper's Table 1 (v1); CIFAR params in millions as printed (Table 6; 2016 for 164).
+IMAGENET = IMAGENET_SIZES
+CIFAR = CIFAR_PARAMS_M
 
 
 def n_params(model: nn.Module) -> int:

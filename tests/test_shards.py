@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from pipelines import shards as S
-from pipelines.data import check_shards, load_manifest, read_shards
+from pipelines.data import read_shards
+from pipelines.shards import check_shards, load_manifest
 from pipelines.shards import Options, ShardError, write_shards
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2

@@ -17,7 +17,10 @@ import torch
 import yaml
 
 from pipelines.config import Config, ConfigError, ScheduleSection, load_config
-from pipelines.train import fit, free_port, load_state, lr_factor, make_optimizer, train_step, unwrap
+from pipelines.checkpoint import load_state
+from pipelines.recipe import lr_factor, make_optimizer, train_step, unwrap
+from pipelines.runtime import free_port
+from pipelines.train import fit
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
 
@@ -48,7 +51,8 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
     assert row["train_error"] < 0.9 and row["images_per_s"] > 0 and 0 <= row["data_wait"] <= 1
     # two workers: the equal split drops 1437 % 2 rows, each worker its final partial batch of 64;
     # validation is split unequally and loses nothing
-    assert row["train_missing"] == 1437 - 2 * (718 // 64 * 64) and row["val_missing"] == 0
+    assert row["train_dropped"] == 1437 - 2 * (718 // 64 * 64) and row["val_dropped"] == 0
+    assert row["train_skipped"] == 0 and row["val_skipped"] == 0  # nothing undecodable in the digits
     saved = yaml.safe_load((tmp_path / "resume" / "config.yaml").read_text())
     assert Config.model_validate(saved) == cfg
 
@@ -154,7 +158,8 @@ def train_worker_pids() -> list[int]:
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_epoch_once(
         tmp_path, ray_session, run_cli):
     import ray
-    args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "run.progress_s=0.5"]
     cfg = small_cfg(tmp_path, *args)
     env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     args.append(f"checkpoint.storage_path={tmp_path}")
@@ -172,6 +177,11 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_e
     assert proc.returncode == 0, out[-3000:]
     # resumed from the last checkpoint: epoch 1's, or epoch 2's on a machine slow to deliver the kill
     assert re.search(r"epochs [23]\.\.3 \(resumed\)", out), out[-3000:]
+    # the console: rank 0's lines and progress through the driver, none of Ray's own
+    assert re.search(r"^  epoch \d: [\d,]+/\d[\d,]* images \(\d+%\), [\d,]+ img/s, data wait \d+%, ETA ", out, re.M), out
+    assert re.search(r"^done: 3 epochs in .*\ncheckpoints: .*\nMLflow run \w+ in experiment ray-resnet; to see it: "
+                     r"mlflow ui --backend-store-uri sqlite:///", out, re.M), out[-3000:]
+    assert "Reporting training result" not in out and "pid=" not in out, out[-3000:]
     final = load_state(next(iter(fit_result_checkpoints(run_dir))))
     client, run = mlflow_run(cfg, final["mlflow_run_id"])
     assert epochs_logged(client, run.info.run_id) == [1, 2, 3]
@@ -327,3 +337,35 @@ def test_lr_scales_with_global_batch_and_bn_bias_can_skip_decay():
     assert all(p.ndim == 4 or p.ndim == 2 for p in decay["params"]) and no_decay["weight_decay"] == 0
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters())
+
+
+def test_undecodable_rows_count_for_nothing_in_a_step_or_in_validation(tmp_path):
+    """Placeholders (label -1, data.bad_records=skip) leave the loss, the gradient and the counts
+    as if they were not there; a batch of nothing else still steps, as DDP needs."""
+    from pipelines.recipe import Numerics, validation_counts
+    cfg = small_cfg(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    y_bad = y.clone()
+    y_bad[[2, 5]] = -1
+
+    def step(labels, keep):
+        torch.manual_seed(0)
+        model = build_model("cifar_resnet8", num_classes=10).eval()  # BN from running stats: rows independent
+        opt = make_optimizer(model, cfg.optim, global_batch=8)
+        _, loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), x[keep], labels[keep], cfg, None)
+        return loss.item(), model.state_dict()
+
+    everything = torch.ones(8, dtype=torch.bool)
+    loss, state = step(y_bad, everything)
+    ref_loss, ref = step(y, y_bad >= 0)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in ref:
+        torch.testing.assert_close(state[k], ref[k], msg=k)
+    assert step(torch.full((8,), -1), everything)[0] == 0.0
+
+    model = build_model("cifar_resnet8", num_classes=10)
+    counts = validation_counts(model, [(x, y_bad)], torch.device("cpu"), Numerics(None, False))
+    clean = validation_counts(model, [(x[y_bad >= 0], y[y_bad >= 0])], torch.device("cpu"), Numerics(None, False))
+    assert counts.tolist()[:3] == clean.tolist()[:3] and counts[2] == 6 and counts[3] == 2
+

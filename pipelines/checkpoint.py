@@ -1,0 +1,153 @@
+"""The checkpoint format, once: what a training run writes each epoch, how it is read back.
+
+A checkpoint is a directory (Ray Train copies it under <storage_path>/<run.name>/checkpoint_*):
+    state.pt     rank 0: FORMAT, weights, optimizer and grad-scaler state, epoch, step, the
+                 warm-up flag, every epoch's metrics (history), the MLflow run id, the model's
+                 name and classes, and the config it trained with (a dict)
+    rng-<r>.pt   each rank's random streams (torch, Python, PCA lighting, CUDA) as tensors and
+                 plain lists, so a resumed run with the same workers draws what it would have drawn
+
+Every file is read with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts
+only, so a file planted in the storage path cannot run code in the workers that resume from it.
+Beside the checkpoints, a run directory holds small text files (config.yaml, mlflow_run_id):
+read_text / save_text, on a local path or an s3:// / gs:// URI.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pyarrow.fs
+import torch
+
+from pipelines.config import ConfigError
+
+FORMAT = "ray-resnet-checkpoint/1"
+# What training writes into state.pt, and what reading a model back needs of it.
+STATE_KEYS = ("format", "model", "optimizer", "scaler", "epoch", "step", "warming", "history", "mlflow_run_id",
+              "model_name", "num_classes", "config")
+MODEL_KEYS = ("model", "config", "history", "epoch", "model_name")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: names the file and what is wrong with it."""
+
+
+def save(directory: str, rank: int, rng: dict, state: dict | None = None) -> None:
+    """Write rank's random streams into directory, and state.pt when given (rank 0)."""
+    torch.save(rng, f"{directory}/rng-{rank}.pt")
+    if state is not None:
+        missing = [k for k in STATE_KEYS if k != "format" and k not in state]
+        if missing:
+            raise ValueError(f"state.pt: missing {', '.join(missing)}")  # a bug in the caller, not the user
+        torch.save({"format": FORMAT, **state}, f"{directory}/state.pt")
+
+
+def load_state(where, need: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """state.pt of a checkpoint directory (a path, or a Ray Checkpoint), checked for its format
+    and the keys the caller needs. A state.pt without a format key predates the key and has the
+    same layout."""
+    if hasattr(where, "as_directory"):  # a ray.train.Checkpoint: a local copy for the duration
+        with where.as_directory() as d:
+            return load_state(d, need)
+    path = Path(where) / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a checkpoint pipelines.train wrote ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint pipelines.train wrote (a {type(state).__name__})")
+    if state.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']!r}; this version reads {FORMAT!r}")
+    missing = [k for k in need if k != "format" and k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint pipelines.train wrote (no {', '.join(missing)})")
+    return state
+
+
+def rng_state(lighting: torch.Generator) -> dict:
+    """This process's random streams, as tensors and plain lists."""
+    version, internal, gauss = random.getstate()
+    rng = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+           "lighting": lighting.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def restore_rng(directory: str, rank: int, lighting: torch.Generator) -> bool:
+    """Continue rank's random streams from a checkpoint; False when it has none for this rank (the
+    run resumed with more workers than it had)."""
+    path = Path(directory, f"rng-{rank}.pt")
+    if not path.exists():
+        return False
+    try:
+        rng = torch.load(path, weights_only=True)
+        version, internal, gauss = rng["python"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((version, tuple(internal), gauss))
+        lighting.set_state(rng["lighting"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore the random streams ({type(e).__name__}: {e}); "
+                              "remove the file to resume with fresh ones") from None
+    return True
+
+
+def best_checkpoint(result):
+    """(checkpoint, metrics) of the lowest validation error among those Ray Train kept, or None."""
+    return min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"]) if result.best_checkpoints else None
+
+
+def find_checkpoint(path: str) -> tuple[dict, str]:
+    """(state.pt's contents, the checkpoint directory) for a command line's PATH: PATH itself when it
+    holds a state.pt, else the checkpoint_* directory of the run directory PATH with the lowest
+    validation error."""
+    where = Path(path).expanduser()
+    accepted = "give a checkpoint_* directory of a run or a run directory"
+    if not where.is_dir():
+        raise ConfigError(f"{path}: no such directory; {accepted}")
+    candidates = [where] if (where / "state.pt").is_file() else sorted(
+        c for c in where.glob("checkpoint_*") if (c / "state.pt").is_file())
+    if not candidates:
+        raise ConfigError(f"{path}: no state.pt and no checkpoint_* directories holding one; {accepted}")
+    states = {}
+    for c in candidates:
+        try:
+            states[c] = load_state(c)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}; {accepted}") from None
+    best = min(states, key=lambda c: states[c]["history"][-1]["val_error"])
+    if best != where:
+        row = states[best]["history"][-1]
+        print(f"{path}: picked {best.name} (epoch {row['epoch']}, validation error {row['val_error']:.2%}), "
+              f"the lowest of {len(states)} checkpoints", flush=True)
+    return states[best], str(best)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small files beside a run's checkpoints: local paths or s3:// / gs:// URIs
+
+def save_text(uri: str, name: str, text: str) -> None:
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str, name: str) -> str | None:
+    """The file's text, or None when it is not there."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def has_checkpoints(uri: str) -> bool:
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)

@@ -1,0 +1,43 @@
+"""The Ray internals this project depends on, each read or set in one function here with the
+reason, and tests/test_runtime.py failing if a Ray upgrade moves one. Nothing happens on import:
+setup_process runs in the driver (pipelines.runtime.start_ray) and, through runtime_env's
+worker_process_setup_hook, first thing in every process Ray starts for the job. This module
+imports nothing of the project's, so those processes start light.
+"""
+from __future__ import annotations
+
+import logging
+
+
+def quiet_ray_data() -> None:
+    """One table row per epoch on the console: Ray Data's per-execution progress goes to its logs."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def setup_process() -> None:
+    """Run in this process and, through runtime_env's worker_process_setup_hook, in every process
+    Ray starts for the job: the split coordinators that run the training datasets, the decode tasks."""
+    shorten_resource_poll()
+    quiet_ray_data()
+
+
+def shorten_resource_poll() -> None:
+    """Ray 2.60's streaming executor starts every execution (every epoch) seeing a cluster with no
+    CPUs: its first look comes back empty while Ray's autoscaling coordinator answers
+    asynchronously, and it keeps that answer for ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+    (1 s), running one task at a time meanwhile, however large the cluster. Looking again after
+    0.1 s shortens each small epoch by most of that second (docs/data.md has the measurement)."""
+    from ray.data._internal.execution.resource_manager import ResourceManager
+    if ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S > 0.1:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 0.1
+
+
+def execution_count(data_context) -> int:
+    """How many times Ray Data has executed the dataset this context belongs to (0 for the first
+    epoch): the per-epoch input to a file order shuffled anew each epoch. Ray's own
+    FileShuffleConfig reads the same private counter; there is no public one."""
+    return getattr(data_context, "_execution_idx", 0) if data_context is not None else 0

@@ -1,0 +1,151 @@
+"""The training recipe, torch only (no Ray): tests drive these directly.
+
+    opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)      # SGD, lr scaled to the batch
+    opt.param_groups[i]["lr"] = peak * lr_factor(step, steps_per_epoch, cfg.schedule)
+    logits, loss = train_step(model, opt, scaler, x, y, cfg, numerics.amp)
+    counts = validation_counts(model, batches, to_device, numerics)   # [top-1 hits, top-5 hits, images]
+    total = all_reduce(counts)                                        # summed over the DDP workers
+
+The paper's recipe (He et al. 2015, Sec. 3.4 and 4.2) is the config's default; docs/training.md
+says what each key changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.config import Config, OptimSection, ScheduleSection
+
+
+def make_optimizer(model: nn.Module, optim: OptimSection, global_batch: int) -> torch.optim.SGD:
+    """SGD with the learning rate scaled linearly from lr_batch to the global batch."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # BN weights and all biases are the 1-d parameters
+        (no_decay if optim.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on GPUs
+    return torch.optim.SGD(groups, lr=optim.lr * global_batch / optim.lr_batch,
+                           momentum=optim.momentum, nesterov=optim.nesterov, **({"fused": True} if fused else {}))
+
+
+def lr_factor(step: int, steps_per_epoch: int, s: ScheduleSection) -> float:
+    """Multiplier of the peak learning rate at an iteration: step or cosine decay, linear warm-up."""
+    epoch = step / steps_per_epoch
+    if s.kind == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(epoch / s.epochs, 1.0)))
+    else:
+        at = step if s.milestone_unit == "iteration" else epoch
+        factor = s.gamma ** sum(at >= m for m in s.milestones)
+    if epoch < s.warmup_epochs:
+        factor *= (step + 1) / (s.warmup_epochs * steps_per_epoch)
+    return factor
+
+
+class Schedule:
+    """Sets the optimizer's learning rate before each step: the peak (scaled to the global batch)
+    times lr_factor, or, in the ResNet-110 recipe, a small constant lr until the training error
+    first drops below warmup_until_error (He et al. 2015, Sec. 4.2)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+        self.opt, self.s, self.steps_per_epoch = opt, cfg.schedule, steps_per_epoch
+        self.peak = [g["lr"] for g in opt.param_groups]
+        self.warmup_lr = (self.s.warmup_lr or 0) * cfg.data.batch_size / cfg.optim.lr_batch  # given at lr_batch
+        self.warming = self.s.warmup_lr is not None
+
+    def set(self, step: int) -> None:
+        for g, p in zip(self.opt.param_groups, self.peak):
+            g["lr"] = self.warmup_lr if self.warming else p * lr_factor(step, self.steps_per_epoch, self.s)
+
+    def end_epoch(self, train_error: float) -> None:
+        if self.warming and train_error < self.s.warmup_until_error:
+            self.warming = False
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a device computes: the autocast dtype (None: fp32) and the memory layout."""
+    amp: torch.dtype | None
+    channels_last: bool
+
+
+def numerics(cfg: Config, device: torch.device) -> Numerics:
+    """bf16 autocast and NHWC (channels_last) pay off on GPUs; on CPUs fp32 NCHW, unless the config says."""
+    gpu = device.type == "cuda"
+    amp = {"auto": torch.bfloat16 if gpu else None, "off": None,
+           "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.scaling.amp]
+    return Numerics(amp, {"auto": gpu, "on": True, "off": False}[cfg.scaling.channels_last])
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, cfg: Config,
+               amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward (DDP averages the gradients over workers), update: (logits, loss).
+
+    Rows labelled -1 (undecodable images kept as placeholders, data.bad_records=skip) count for
+    nothing: the loss is the mean over the others, and a batch of nothing else steps with zero
+    gradient, since DDP needs every worker's step."""
+    with autocast(x.device, amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum",
+                               label_smoothing=cfg.optim.label_smoothing) / (y >= 0).sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return logits.detach(), loss.detach()
+
+
+def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, images, undecodable rows (label -1)] over an iterable of (x, y)
+    device batches, as float64 on the CPU."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    k = min(5, unwrap(model).fc.out_features)
+    with torch.no_grad(), autocast(device, numerics.amp):
+        for x, t in batches:
+            top = model(x).topk(k, dim=1).indices
+            bad = (t < 0).sum()
+            sums += torch.stack([(top[:, 0] == t).sum(), (top == t[:, None]).any(dim=1).sum(), len(t) - bad,
+                                 bad]).double()
+    return sums.cpu()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A small CPU tensor summed (op="sum") or maximised (op="max") over the DDP workers; itself
+    in a single process. NCCL reduces only CUDA tensors, so there it travels through the GPU."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    if dist.get_backend() == "nccl":
+        u = t.cuda()
+        dist.all_reduce(u, op=reduce_op)
+        return u.cpu()
+    t = t.clone()
+    dist.all_reduce(t, op=reduce_op)
+    return t
+
+
+def all_gather(value) -> list:
+    """Every worker's value (any picklable object), in rank order; [value] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DDP and torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)

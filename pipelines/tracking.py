@@ -1,0 +1,231 @@
+"""Where metrics go besides the console: MLflow, and the gauges the cluster's dashboards read.
+
+    uri = cfg.mlflow.resolved_uri(); experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
+    run_id = open_run(cfg, uri, experiment_id, stats)     # a new run, or the one a resumed run had
+    EpochLog(uri, run_id).log(history)                    # rank 0, after each checkpoint: each epoch once
+    log_models(cfg, uri, final, best)                     # the driver, at the end: models and curves
+    Gauges(run_name, rank).set(images_per_s=...)          # every worker: Ray's Prometheus endpoint
+
+A run's MLflow run id is stored beside its checkpoints (<run_dir>/mlflow_run_id; a sweep's parent
+in <sweep_dir>/mlflow_parent_run_id), so the same run.name continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import resnet_models
+from pipelines.checkpoint import read_text, save_text
+from pipelines.config import HOME, Config, SetupError
+from pipelines.plots import curves_png
+from pipelines.runtime import free_port
+from resnet_models import build_model
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (creating the SQLite tables, ...) off the console."""
+    import logging
+
+    import mlflow  # noqa: F401  (its import sets its loggers' levels: set ours after it)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. With the embedded SQLite store the artifacts go
+    beside it under RAY_RESNET_HOME, not into the working directory (a temporary copy under
+    `ray job submit`)."""
+    if uri.startswith("sqlite:"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow_client(uri)
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = (HOME / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by another process
+        found = client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        raise
+
+
+def flat_params(raw: dict, prefix: str = "") -> dict[str, str]:
+    """{"model.depth": "20", ...}: a config dict as MLflow params (tune.space stays one value)."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and k != "space":
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:6000]
+    return out
+
+
+def continue_or_create(client, directory: str, name: str, create) -> tuple[str, bool]:
+    """(run id, continued): the MLflow run whose id is stored in directory/name, set RUNNING again;
+    else the run create() makes, its id stored there. A store that lost the run (or another store)
+    gets a new one."""
+    known = read_text(directory, name)
+    if known:
+        with contextlib.suppress(Exception):
+            client.update_run(known.strip(), status="RUNNING")
+            return known.strip(), True
+    run_id = create()
+    save_text(directory, name, run_id)
+    return run_id, False
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def open_run(cfg: Config, uri: str, experiment_id: str, stats: dict, parent_run_id: str | None = None) -> str:
+    """The run's MLflow run id: the one recorded beside its checkpoints when the run resumes, else
+    a new run with the resolved config, parameter count and MACs as params."""
+    client = mlflow_client(uri)
+
+    def create() -> str:
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags).info.run_id
+        log_params(client, run_id, {**flat_params(cfg.model_dump(mode="json", exclude={"tune"})),
+                                    "model.name": cfg.model.name, "params": str(stats["params"]),
+                                    "macs": str(stats["macs"])})
+        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        return run_id
+    return continue_or_create(client, cfg.run_dir, "mlflow_run_id", create)[0]
+
+
+def open_sweep_run(cfg: Config, uri: str, experiment_id: str, directory: str) -> str:
+    """A sweep's parent run (named tune.name, the tune section as params), continued on resume."""
+    client = mlflow_client(uri)
+
+    def create() -> str:
+        run_id = client.create_run(experiment_id, run_name=cfg.tune.name).info.run_id
+        log_params(client, run_id, {f"tune.{k}": v for k, v in flat_params(cfg.tune.model_dump(mode="json")).items()})
+        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        return run_id
+    return continue_or_create(client, directory, "mlflow_parent_run_id", create)[0]
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the tracking store in MLflow's UI."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+
+
+class EpochLog:
+    """Rank 0's per-epoch metrics in the run's MLflow run (step = epoch), each epoch once: logged
+    after its checkpoint is written, and on a restart any checkpointed epoch the run lacks."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = mlflow_client(uri), run_id
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, "val_error")}
+
+    def log(self, history: list[dict]) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        for row in history:
+            if row["epoch"] in self.logged:
+                continue
+            self.client.log_batch(self.run_id, metrics=[
+                Metric(k, float(v), now, row["epoch"]) for k, v in row.items() if k != "epoch"])
+            self.logged.add(row["epoch"])
+
+
+@contextlib.contextmanager
+def fluent_mlflow(uri: str):
+    """mlflow's fluent API (log_model needs it) on uri, and afterwards the process as it was:
+    set_tracking_uri also sets MLFLOW_TRACKING_URI, which later runs and child processes would inherit."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unsets the variable too
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def log_models(cfg: Config, uri: str, final: dict, best: dict) -> None:
+    """Into the run's MLflow run: the best and final model and the training curves (once per
+    final epoch: a rerun that trained nothing new logs nothing)."""
+    import mlflow
+    import mlflow.pytorch
+    client = mlflow_client(uri)
+    run_id = final["mlflow_run_id"]
+    if client.get_run(run_id).data.metrics.get("final_epoch") == final["epoch"]:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        curves_png(final["history"], f"{cfg.model.name} ({cfg.run.name})", f"{d}/curves.png")
+        client.log_artifact(run_id, f"{d}/curves.png")
+    # two images: MLflow exports the model with torch.export, which fixes a batch dimension of 1
+    example = torch.zeros(2, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    with fluent_mlflow(uri), mlflow.start_run(run_id=run_id):
+        for name, state in (("best_model", best), ("final_model", final)):
+            model = build_model(cfg.model, num_classes=state["num_classes"])
+            model.load_state_dict(state["model"])
+            mlflow.pytorch.log_model(model.eval(), name=name, input_example=example,
+                                     pip_requirements=requirements,
+                                     code_paths=[str(Path(resnet_models.__file__).parent)],
+                                     params={"epoch": state["epoch"]})
+        mlflow.log_metrics({"best_val_error": best["history"][-1]["val_error"], "best_epoch": best["epoch"],
+                            "final_epoch": final["epoch"]})
+
+
+def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
+    """An MLflow server over the embedded SQLite store: parallel trials then write through one
+    process instead of locking the database file against each other."""
+    import urllib.request
+    port = free_port()
+    db = uri.removeprefix("sqlite:///")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                             "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            return url, proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise SetupError(f"mlflow.tracking_uri={uri}: could not start a local MLflow server for "
+                                 f"parallel trials (`{sys.executable} -m mlflow server` did not answer on port "
+                                 f"{port}); set MLFLOW_TRACKING_URI to a tracking server, or "
+                                 "tune.max_concurrent_trials=1") from None
+            time.sleep(1)
+
+
+class Gauges:
+    """Dashboard metrics on Ray's Prometheus endpoint: ray_resnet_{images_per_s,train_loss,data_wait,val_error}."""
+
+    def __init__(self, run: str, rank: int):
+        from ray.util.metrics import Gauge
+        self.tags = {"run": run, "rank": str(rank)}
+        self.gauges = {name: Gauge(f"resnet_{name}", description=text, tag_keys=("run", "rank"))
+                       for name, text in [("images_per_s", "training images per second, this worker"),
+                                          ("train_loss", "mean training loss of the last epoch, this worker"),
+                                          ("data_wait", "share of the last epoch spent waiting for input"),
+                                          ("val_error", "top-1 validation error after the last epoch (all workers)")]}
+
+    def set(self, **values: float) -> None:
+        for name, value in values.items():
+            self.gauges[name].set(value, tags=self.tags)

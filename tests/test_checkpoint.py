@@ -1,0 +1,69 @@
+"""The checkpoint format: random streams continue where they were, nothing in a checkpoint can run
+code when it is read, and a file of another format or another program is named, not half-read."""
+import random
+
+import pytest
+import torch
+
+from pipelines import checkpoint
+from pipelines.checkpoint import CheckpointError, find_checkpoint, load_state
+from pipelines.config import ConfigError
+
+STATE = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scaler": {}, "epoch": 3, "step": 30, "warming": False,
+         "history": [{"epoch": 3, "val_error": 0.25}], "mlflow_run_id": "abc", "model_name": "cifar_resnet8",
+         "num_classes": 10, "config": {"model": {"depth": 8}}}
+
+
+def test_a_resumed_worker_draws_what_it_would_have_drawn(tmp_path):
+    lighting = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    random.seed(2)
+    checkpoint.save(str(tmp_path), 0, checkpoint.rng_state(lighting), STATE)
+    expected = (torch.rand(3), random.random(), torch.randn(2, generator=lighting))
+
+    torch.manual_seed(99)
+    random.seed(99)
+    fresh = torch.Generator().manual_seed(99)
+    assert checkpoint.restore_rng(str(tmp_path), 0, fresh)
+    torch.testing.assert_close(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    torch.testing.assert_close(torch.randn(2, generator=fresh), expected[2])
+    assert not checkpoint.restore_rng(str(tmp_path), 1, fresh)  # a rank the run did not have: fresh streams
+
+    state = load_state(tmp_path, need=checkpoint.STATE_KEYS)
+    assert state["format"] == checkpoint.FORMAT and state["epoch"] == 3
+
+
+class Payload:
+    """What an attacker with write access to the storage path would plant."""
+
+    def __reduce__(self):
+        return (open, ("/tmp/ray-resnet-pwned", "w"))
+
+
+def test_nothing_in_a_checkpoint_runs_code_when_read(tmp_path):
+    import os
+    if os.path.exists("/tmp/ray-resnet-pwned"):
+        os.remove("/tmp/ray-resnet-pwned")
+    torch.save({"python": Payload()}, tmp_path / "rng-0.pt")
+    torch.save({**STATE, "history": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/rng-0.pt: cannot restore the random streams"):
+        checkpoint.restore_rng(str(tmp_path), 0, torch.Generator())
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/state.pt: not a checkpoint pipelines.train wrote"):
+        load_state(tmp_path)
+    assert not os.path.exists("/tmp/ray-resnet-pwned")
+
+
+def test_another_format_or_a_missing_key_is_named(tmp_path):
+    torch.save({**STATE, "format": "ray-resnet-checkpoint/9"}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="checkpoint format 'ray-resnet-checkpoint/9'; this version reads "
+                                              "'ray-resnet-checkpoint/1'"):
+        load_state(tmp_path)
+    torch.save({k: v for k, v in STATE.items() if k != "optimizer"}, tmp_path / "state.pt")
+    assert load_state(tmp_path)["epoch"] == 3  # reading a model needs no optimizer ...
+    with pytest.raises(CheckpointError, match=r"state.pt: not a checkpoint pipelines.train wrote \(no optimizer\)"):
+        load_state(tmp_path, need=checkpoint.STATE_KEYS)  # ... resuming does
+    torch.save({k: v for k, v in STATE.items() if k != "history"}, tmp_path / "state.pt")
+    with pytest.raises(ConfigError, match=r"state.pt: not a checkpoint pipelines.train wrote \(no history\); give a "
+                                          r"checkpoint_\* directory"):
+        find_checkpoint(str(tmp_path))
