@@ -5,6 +5,8 @@
 #   ./dev.sh test  [pytest args ...] the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
+usage="usage: ./dev.sh train [key=value ...] | ./dev.sh test [pytest args ...]"
+case "${1:-}" in -h|--help|help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; echo "$usage"; exit 0 ;; esac
 
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 stamp=".venv/.installed-$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
@@ -21,5 +23,5 @@ shift || true
 case "$job" in
   train) exec .venv/bin/python -m pipelines.train --config ray_config.yaml "$@" ;;
   test)  exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: ./dev.sh train [key=value ...] | ./dev.sh test [pytest args ...]" >&2; exit 2 ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac

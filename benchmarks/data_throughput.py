@@ -74,7 +74,11 @@ def main() -> None:
 
     import ray
     import ray.data
-    ray.init(address="local", num_cpus=a.workers, include_dashboard=False, log_to_driver=False)
+    from pipelines.ray_internals import setup_process
+    from pipelines.runtime import SETUP_HOOK
+    setup_process()  # as the training job's processes are set up
+    ray.init(address="local", num_cpus=a.workers, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     data = load_config(ROOT / "ray_config.yaml", ["data.train_transform=rrc", "data.crop_size=224",

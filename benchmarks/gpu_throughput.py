@@ -70,7 +70,7 @@ class Step:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = F.cross_entropy(self.forward(x), y)
+            loss = F.cross_entropy(self.forward(x), y, ignore_index=-1)  # -1: an undecodable row
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -192,7 +192,11 @@ def main() -> None:
     print("\n2. ResNet-50 end to end from JPEG shards, the fastest step above")
     import ray
     import ray.data
-    ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False)
+    from pipelines.ray_internals import setup_process
+    from pipelines.runtime import SETUP_HOOK
+    setup_process()  # as the training job's processes are set up
+    ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     e2e = 0.0

@@ -6,6 +6,7 @@
 #   cluster/local.sh up [--workers N] [--cpus C] [--port P] [--object-store-mb M] [--state DIR]
 #   cluster/local.sh status [--state DIR]
 #   cluster/local.sh down [--state DIR]
+#   cluster/local.sh --help
 #
 # up      starts the head and N worker nodes (default 2, so 3 nodes), C logical CPUs each (default 2),
 #         waits until every node is alive and the head's job agent answers, and prints RAY_ADDRESS,
@@ -35,6 +36,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-}
 shift || true
+case "$cmd" in -h|--help|help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
 WORKERS=2 CPUS=2 PORT=6390 OBJECT_STORE_MB=1024
 STATE=${RAY_RESNET_LOCAL_STATE:-/tmp/ray-resnet-local}
 while [ $# -gt 0 ]; do
@@ -267,5 +269,5 @@ case "$cmd" in
   up) up ;;
   status) status ;;
   down) down ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; echo "(cluster/local.sh --help: the whole story)" >&2; exit 2 ;;
 esac

@@ -8,7 +8,6 @@ Unknown keys are errors, and every error names the key, the value and what is ac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import difflib
 import itertools
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.errors import ConfigError, SetupError, cli_errors  # noqa: F401  (the entry points' endings)
 from resnet_models import ModelConfig
 
 # Per-user home for the embedded defaults: absolute, so `ray job submit` (whose working directory
@@ -29,27 +29,6 @@ HOME = Path(os.environ.get("RAY_RESNET_HOME", "~/ray-resnet")).expanduser()
 
 
 MAX_CHECKED_TRIALS = 10_000
-
-
-class ConfigError(ValueError):
-    """A user's mistake in a config file, an override or a command-line option: it names the key
-    or option, the value and what is accepted; printed without a traceback."""
-
-
-class SetupError(RuntimeError):
-    """What the job needs around it is not there (a Ray cluster that does not answer, a tracking
-    server that did not start): says what was tried and what would work; printed without a traceback."""
-
-
-@contextlib.contextmanager
-def cli_errors(*more: type[Exception]):
-    """An entry point's ending: a ConfigError or SetupError (or one of `more`) becomes one line on
-    stderr and exit status 2."""
-    try:
-        yield
-    except (ConfigError, SetupError, *more) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 class Section(BaseModel):
@@ -236,6 +215,12 @@ class Config(Section):
         if math.prod(len(v) for v in values) > MAX_CHECKED_TRIALS:
             raise ValueError(f"tune.space: {math.prod(len(v) for v in values):,} combinations; "
                              f"at most {MAX_CHECKED_TRIALS:,} (each is validated before the sweep)")
+        if self.tune.scheduler == "asha":
+            most = max(candidates(space.get("schedule.epochs", [self.schedule.epochs])))
+            if self.tune.grace_period > most:
+                raise ValueError(f"tune.grace_period={self.tune.grace_period}: ASHA first judges a trial after "
+                                 f"that many epochs, and the trials run at most {most} (schedule.epochs, or "
+                                 "tune.space.schedule.epochs); lower tune.grace_period or give the trials more epochs")
         base = self.model_dump(exclude={"tune"})
         for combo in itertools.product(*values):
             raw = copy.deepcopy(base)

@@ -44,6 +44,18 @@ def duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def summary(epochs: int, seconds: float, final_error: float, best: tuple[float, int, str] | None, run_dir: str,
+            run_name: str, mlflow_run_id: str, experiment: str, open_command: str) -> str:
+    """The closing lines: what was reached, where the checkpoints are, how to open the MLflow run.
+    best: (validation error, epoch, checkpoint directory name) of the best checkpoint kept."""
+    lines = [f"done: {epochs} epochs in {duration(seconds)}; final val error {final_error:.2%}"
+             + (f", best {best[0]:.2%} (epoch {best[1]})" if best else ""),
+             f"checkpoints: {run_dir}" + (f" (best: {best[2]})" if best else "")
+             + f"; resume or extend with the same run.name={run_name}",
+             f"MLflow run {mlflow_run_id} in experiment {experiment}; to see it: {open_command}"]
+    return "\n".join(lines)
+
+
 class ConsoleView:
     """Prints the messages rank 0 sends: ("line", text) and ("progress", {...}). No Ray here."""
 
@@ -58,9 +70,12 @@ class ConsoleView:
             print(payload, file=self.stream, flush=True)
         elif kind == "progress":
             if self.tty:
-                self._bar(payload)
-            else:
-                print(progress_line(payload), file=self.stream, flush=True)
+                try:
+                    self._bar(payload)
+                    return
+                except Exception:  # no tqdm, or a terminal it cannot draw on: lines, as in a log file
+                    self.tty = False
+            print(progress_line(payload), file=self.stream, flush=True)
 
     def _bar(self, p: dict) -> None:
         from tqdm import tqdm
@@ -112,11 +127,12 @@ class Console:
         from ray.util.queue import Empty
         while not self.stopping.is_set():
             try:
-                self.view.handle(*self.queue.get(timeout=0.5))
+                message = self.queue.get(timeout=0.5)
             except Empty:
                 continue
             except RayError:  # the queue's actor is gone (Ray shutting down): nothing more will come
                 return
+            self.view.handle(*message)
 
     def __exit__(self, *exc) -> None:
         from ray.exceptions import RayError
@@ -138,12 +154,15 @@ class WorkerConsole:
     def __init__(self, channel: dict | None, enabled: bool = True):
         self.queue = channel["queue"] if channel else None
         self.interval = channel["interval"] if channel else 0.0
+        self.tag = channel.get("tag", "") if channel else ""  # a sweep's trial: its run name
         self.enabled = enabled
         self.epoch, self.total, self.start, self.last, self.waited = 0, 0, 0.0, 0.0, 0.0
 
     def line(self, text: str) -> None:
         if not self.enabled:
             return
+        if not text.startswith(self.tag):
+            text = self.tag + text
         if self.queue is None:
             print(text, flush=True)
         else:

@@ -214,7 +214,7 @@ class DecodeAugment:
     A row that fails to decode is logged with its key and kept as a placeholder, label -1 and a
     blank image (data.bad_records=skip), or stops the run naming it (fail). Placeholders travel
     with the rest, so the training loop counts them apart from the rows it drops with a final
-    partial batch, and leaves them out of the step (usable_rows).
+    partial batch; it takes them out of each batch on the host (usable_rows).
     """
 
     def __init__(self, data: DataSection, train: bool):
@@ -300,13 +300,17 @@ class Collate(NumpyBatchCollateFn):
                     "key": list(batch["key"])}
 
 
-def usable_rows(batch: dict) -> tuple[dict, int]:
-    """(the batch without its undecodable rows' placeholders, how many there were), on the host."""
+def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:
+    """(the batch without the placeholders of undecodable rows, how many there were), on the host,
+    before anything reaches the device or the model's BatchNorm. keep_one: a batch of nothing but
+    placeholders keeps its first (label -1: the loss ignores it), so a DDP worker still steps."""
     bad = batch["label"] < 0
     n = int(bad.sum())
     if not n:
         return batch, 0
     keep = ~bad
+    if keep_one and not keep.any():
+        keep[0] = True
     return {"image": batch["image"][keep], "label": batch["label"][keep],
             "key": [k for k, ok in zip(batch["key"], keep.tolist()) if ok]}, n
 

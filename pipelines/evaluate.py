@@ -362,8 +362,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", metavar="PATH",
                    help="YAML config for the data and cluster settings (default: the one the model trained "
                         "with; for an MLflow model, also where the store is)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log lines on the console too (the same as run.verbose=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.decode_batch=32")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verbose:
+        args.overrides.append("run.verbose=true")
+    return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:

@@ -92,9 +92,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
                amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward (DDP averages the gradients over workers), update: (logits, loss).
 
-    Rows labelled -1 (undecodable images kept as placeholders, data.bad_records=skip) count for
-    nothing: the loss is the mean over the others, and a batch of nothing else steps with zero
-    gradient, since DDP needs every worker's step."""
+    A row labelled -1 (the placeholder of an undecodable image, data.bad_records=skip, which the
+    loop keeps only when a batch holds nothing else) counts for nothing in the loss: such a batch
+    steps with a zero loss, since DDP needs every worker's step."""
     with autocast(x.device, amp):
         logits = model(x)
         loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum",
@@ -107,17 +107,15 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
 
 
 def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics) -> torch.Tensor:
-    """[top-1 hits, top-5 hits, images, undecodable rows (label -1)] over an iterable of (x, y)
-    device batches, as float64 on the CPU."""
+    """[top-1 hits, top-5 hits, images] over an iterable of (x, y) device batches, as float64 on the CPU."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     k = min(5, unwrap(model).fc.out_features)
     with torch.no_grad(), autocast(device, numerics.amp):
         for x, t in batches:
             top = model(x).topk(k, dim=1).indices
-            bad = (t < 0).sum()
-            sums += torch.stack([(top[:, 0] == t).sum(), (top == t[:, None]).any(dim=1).sum(), len(t) - bad,
-                                 bad]).double()
+            sums += torch.stack([(top[:, 0] == t).sum(), (top == t[:, None]).any(dim=1).sum(),
+                                 torch.tensor(len(t), device=device)]).double()
     return sums.cpu()
 
 
@@ -146,6 +144,5 @@ def all_gather(value) -> list:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside DDP and torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
+    """The network inside a DDP wrapper (the loop compiles a separate handle, never this one)."""
     return getattr(model, "module", model)

@@ -70,22 +70,25 @@ def start_ray(cfg: Config) -> str | None:
         return None
     quiet = not cfg.run.verbose
     options = {"log_to_driver": not quiet, "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
-    if quiet:  # Ray's start-up lines (the token-auth notice, "Started a local Ray instance")
+    if quiet:  # Ray's start-up notices (token auth, "Started a local Ray instance"); its warnings later on show
         options["logging_level"] = logging.ERROR
     address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        context = init_local_ray(num_cpus=local_cpus(cfg), **options)
-        return describe(context, f"started here with {local_cpus(cfg)} CPUs", quiet)
-    if "RAY_AUTH_MODE" not in os.environ and Path("~/.ray/auth_token").expanduser().exists():
-        os.environ["RAY_AUTH_MODE"] = "token"  # clusters from `ray start` (Ray 2.60) require the token
-    host, _, port = address.rpartition(":")
-    if "://" not in address and port.isdigit():  # Ray retries a dead address for minutes
-        try:
-            socket.create_connection((host, int(port)), timeout=10).close()
-        except OSError as e:
-            raise SetupError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); "
-                             "start one (`ray start --head`), or unset RAY_ADDRESS to start Ray here") from None
-    return describe(ray.init(address=address, **options), f"joined {address}", quiet)
+    if address:
+        if "RAY_AUTH_MODE" not in os.environ and Path("~/.ray/auth_token").expanduser().exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # clusters from `ray start` (Ray 2.60) require the token
+        host, _, port = address.rpartition(":")
+        if "://" not in address and port.isdigit():  # Ray retries a dead address for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as e:
+                raise SetupError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); "
+                                 "start one (`ray start --head`), or unset RAY_ADDRESS to start Ray here") from None
+        context, how = ray.init(address=address, **options), f"joined {address}"
+    else:
+        context, how = init_local_ray(num_cpus=local_cpus(cfg), **options), f"started here with {local_cpus(cfg)} CPUs"
+    if quiet:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    return describe(context, how, quiet)
 
 
 def describe(context, how: str, quiet: bool) -> str:

@@ -34,6 +34,8 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from pipelines.errors import cli_errors
+
 FORMAT = "ray-resnet-shards/1"
 SPLITS = ("train", "val")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -594,7 +596,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-labels", type=Path, help="imagenet: LOC_val_solution.csv or the ground-truth txt")
     p.add_argument("--devkit", type=Path, help="imagenet: ILSVRC2012_devkit_t12 folder")
     a = p.parse_args(argv)
-    from pipelines.config import cli_errors  # only here: the writer itself needs neither torch nor pydantic
     with cli_errors(ShardError):
         for name, v, lo in (("--rows-per-shard", a.rows_per_shard, 1), ("--max-side", a.max_side, 1),
                             ("--workers", a.workers, 1), ("--image-size", a.image_size, 8)):

@@ -12,6 +12,7 @@ the loop continues after the last finished epoch, and the MLflow run continues w
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from torch import nn
 
 from pipelines import checkpoint
 from pipelines.checkpoint import best_checkpoint, has_checkpoints, load_state, read_text, save_text
-from pipelines.config import Config, ConfigError, cli_errors, parse_cli
-from pipelines.console import Console, WorkerConsole, duration, header, table_row
-from pipelines.data import Ingest, build_datasets, epoch_batches, shards_dir, to_device
+from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
+from pipelines.console import Console, WorkerConsole, header, summary, table_row
+from pipelines.data import Ingest, build_datasets, epoch_batches, shards_dir, to_device, usable_rows
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
 from pipelines.runtime import check_cluster, start_ray
@@ -107,7 +108,8 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
     cfg, data = job.cfg, job.cfg.data
     job.model.train()
     t0, waited, delivered = time.perf_counter(), 0.0, 0
-    sums = torch.zeros(4, dtype=torch.float64, device=job.device)  # loss sum, wrong, images, undecodable
+    sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
+    skipped = 0  # undecodable rows (data.bad_records=skip): placeholders, taken out on the host
     batches = iter(epoch_batches(shard, data, job.epoch, cfg.run.seed, cfg.local_batch, train=True))
     say.start_epoch(job.epoch, job.schedule.steps_per_epoch * data.batch_size)
     while True:
@@ -116,18 +118,20 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
         waited += time.perf_counter() - tw
         if b is None:
             break
+        delivered += len(b["label"])
+        b, bad = usable_rows(b, keep_one=True)
+        skipped += bad
         x, y = to_device(b, job.device, data, channels_last=job.numerics.channels_last, generator=job.lighting)
         job.schedule.set(job.step)
         logits, loss = train_step(job.forward, job.opt, job.scaler, x, y, cfg, job.numerics.amp)
         job.step += 1
-        ok = y >= 0  # undecodable rows are placeholders with label -1 (data.bad_records=skip)
+        ok = y >= 0  # all but a batch's one kept placeholder
         n = ok.sum()
-        sums += torch.stack([loss.float() * n, ((logits.argmax(1) != y) & ok).sum(), n, (~ok).sum()]).double()
-        delivered += len(y)
+        sums += torch.stack([loss.float() * n, ((logits.argmax(1) != y) & ok).sum(), n]).double()
         say.step(delivered * job.world, waited)
     train_time = time.perf_counter() - t0
     local = sums.cpu()
-    loss_sum, wrong, seen, skipped = all_reduce(local).tolist()
+    loss_sum, wrong, seen, skipped = all_reduce(torch.cat([local, torch.tensor([skipped], dtype=torch.float64)])).tolist()
     slowest = all_reduce(torch.tensor([train_time], dtype=torch.float64), op="max").item()
     wait_share = all_reduce(torch.tensor([waited / train_time], dtype=torch.float64)).item() / job.world
     job.schedule.end_epoch(wrong / max(seen, 1))
@@ -135,7 +139,7 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
            "train_error": wrong / max(seen, 1), "images_per_s": seen / slowest, "data_wait": wait_share,
            "train_skipped": int(skipped),
            # rows the manifest promises that no step saw: the equal split's remainder and each
-           # worker's final partial batch
+           # worker's final partial batch (undecodable or not: a dropped row is never decoded)
            "train_dropped": job.info["train_rows"] - int(seen) - int(skipped)}
     mine = {"images_per_s": local[2].item() / train_time, "train_loss": local[0].item() / max(local[2].item(), 1),
             "data_wait": waited / train_time}
@@ -143,10 +147,18 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
 
 
 def validate(job: Job, shard) -> dict:
-    data = job.cfg.data
-    batches = (to_device(b, job.device, data, channels_last=job.numerics.channels_last)
-               for b in epoch_batches(shard, data, job.epoch, job.cfg.run.seed, job.cfg.local_batch, train=False))
-    top1, top5, seen, skipped = all_reduce(validation_counts(job.net, batches, job.device, job.numerics)).tolist()
+    data, skipped = job.cfg.data, 0
+
+    def batches():
+        nonlocal skipped
+        for b in epoch_batches(shard, data, job.epoch, job.cfg.run.seed, job.cfg.local_batch, train=False):
+            b, bad = usable_rows(b)
+            skipped += bad
+            if len(b["label"]):
+                yield to_device(b, job.device, data, channels_last=job.numerics.channels_last)
+
+    counts = validation_counts(job.net, batches(), job.device, job.numerics)
+    top1, top5, seen, skipped = all_reduce(torch.cat([counts, torch.tensor([skipped], dtype=torch.float64)])).tolist()
     return {"val_error": 1 - top1 / max(seen, 1), "val_top5_error": 1 - top5 / max(seen, 1),
             "val_skipped": int(skipped), "val_dropped": job.info["val_rows"] - int(seen) - int(skipped)}
 
@@ -248,8 +260,8 @@ def preflight(cfg: Config) -> dict:
         quiet_mlflow()
     try:
         experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
-    except Exception as e:
-        raise ConfigError(f"mlflow.tracking_uri={uri}: cannot use the tracking store "
+    except Exception as e:  # a server that does not answer, a store another MLflow version wrote
+        raise SetupError(f"mlflow.tracking_uri={uri}: cannot use the tracking store "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     model = build_model(cfg.model, num_classes=classes)
     stats = model_stats(model, (3, cfg.data.crop_size, cfg.data.crop_size))
@@ -260,8 +272,9 @@ def preflight(cfg: Config) -> dict:
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id}
 
 
-def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None):
-    """Train cfg on the Ray cluster (started here if there is none); returns Ray Train's Result."""
+def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, console: dict | None = None):
+    """Train cfg on the Ray cluster (started here if there is none); returns Ray Train's Result.
+    Rank 0's lines go to console (a sweep's: Console.channel()), else to a Console of this run's."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -274,10 +287,10 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None):
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
-    with Console(cfg.run.progress_s) as console:
+    with Console(cfg.run.progress_s) if console is None else contextlib.nullcontext() as own:
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console.channel()},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console or own.channel()},
             scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
                                          resources_per_worker={"CPU": sc.cpus_per_worker,
                                                                **({"GPU": sc.gpus_per_worker}
@@ -309,19 +322,13 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None):
     return result
 
 
-def summary(cfg: Config, result, seconds: float) -> str:
-    """The closing lines: what was reached, where the checkpoints are, how to open the MLflow run."""
+def closing_summary(cfg: Config, result, seconds: float) -> str:
     last = load_state(result.checkpoint)
     best = best_checkpoint(result)
-    final = last["history"][-1]
-    lines = [f"done: {last['epoch']} epochs in {duration(seconds)}; final val error {final['val_error']:.2%}"
-             + (f", best {best[1]['val_error']:.2%} (epoch {best[1]['epoch']})" if best else "")]
-    lines.append(f"checkpoints: {cfg.run_dir}" + (f" (best: {best[0].path.rsplit('/', 1)[-1]})" if best else "")
-                 + f"; resume or extend with the same run.name={cfg.run.name}")
-    uri = cfg.mlflow.resolved_uri()
-    lines.append(f"MLflow run {last['mlflow_run_id']} in experiment {cfg.mlflow.experiment}; "
-                 f"to see it: {ui_command(uri)}")
-    return "\n".join(lines)
+    return summary(epochs=last["epoch"], seconds=seconds, final_error=last["history"][-1]["val_error"],
+                   best=(best[1]["val_error"], best[1]["epoch"], best[0].path.rsplit("/", 1)[-1]) if best else None,
+                   run_dir=cfg.run_dir, run_name=cfg.run.name, mlflow_run_id=last["mlflow_run_id"],
+                   experiment=cfg.mlflow.experiment, open_command=ui_command(cfg.mlflow.resolved_uri()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors():
         result = fit(cfg)
     if result.checkpoint is not None:
-        print(summary(cfg, result, time.perf_counter() - t0), flush=True)
+        print(closing_summary(cfg, result, time.perf_counter() - t0), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ each trial's training resumes from its own checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from pipelines.checkpoint import read_text
 from pipelines.config import Config, ConfigError, candidates, cli_errors, parse_cli, set_trial_value
+from pipelines.console import Console
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
 from pipelines.tracking import ensure_experiment, local_tracking_server, mlflow_client, open_sweep_run, quiet_mlflow
@@ -60,15 +62,17 @@ def sweep_dir(cfg: Config) -> str:
     return f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.tune.name}"
 
 
-def run_trial(config: dict) -> None:
-    """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results."""
+def run_trial(config: dict, console: dict | None = None) -> None:
+    """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results, and its
+    rank 0's lines go to the sweep's console, each with the trial's run name."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     base = Config.model_validate(config["base"])
     params = {k: config[k] for k in config["keys"]}
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
-    fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"])
+    fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"],
+        console={**console, "tag": f"{cfg.run.name}: "} if console else None)
 
 
 def concurrency(cfg: Config) -> int:
@@ -164,14 +168,15 @@ def sweep(cfg: Config):
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
-        return _sweep(base, cfg, uri, limit, search_alg)
+        with contextlib.ExitStack() as stack:
+            return _sweep(base, cfg, uri, limit, search_alg, stack)
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, stack: contextlib.ExitStack):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -180,7 +185,8 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg):
     directory = sweep_dir(cfg)
     parent = open_sweep_run(cfg, uri, experiment_id, directory)
 
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    console = stack.enter_context(Console(progress_s=0))  # trials' lines, no bars: they would interleave
+    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console.channel()), {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
     max_t = int(max(candidates(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))))

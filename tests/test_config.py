@@ -41,8 +41,10 @@ def test_dotted_overrides_are_typed():
     (["schedule.milestones=[8, 5]"], "schedule.milestones=[8, 5]: strictly increasing"),
     (["schedule.epochs=4"], "schedule.milestones=[5, 8]: epoch milestones must be below schedule.epochs=4"),
     (["tune.space.model.depth=[20, 19]"],
-     "tune.space: the trial model.depth=19, optim.lr=0.05, schedule.epochs=4, schedule.milestones=[3] is "
+     "tune.space: the trial model.depth=19, optim.lr=0.05, schedule.epochs=6, schedule.milestones=[3] is "
      "invalid: model.depth=19: CIFAR ResNets"),
+    (["tune.space.schedule.epochs=[2]"],
+     "tune.grace_period=4: ASHA first judges a trial after that many epochs, and the trials run at most 2"),
     (["tune.space.model.shortcut=[C]", "tune.space.model.shortcut_variant=[identity, exclusive_gating]"],
      "model.shortcut=C, model.shortcut_variant=exclusive_gating is invalid"),
     (["tune.space.optim.lrr=[0.1]"], "optim.lrr: unknown key; did you mean lr?"),

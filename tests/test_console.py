@@ -65,7 +65,8 @@ def test_rank_0_sends_progress_no_more_often_than_the_interval(monkeypatch):
 
 
 ENTRY_POINTS = ["pipelines.shards", "pipelines.train", "pipelines.tune", "pipelines.evaluate", "pipelines.experiments",
-                "benchmarks/data_throughput.py", "benchmarks/gpu_throughput.py", "benchmarks/shard_writer.py"]
+                "benchmarks/data_throughput.py", "benchmarks/gpu_throughput.py", "benchmarks/shard_writer.py",
+                "cluster/grafana/build_dashboard.py"]
 # One process runs every --help (each a fresh import of torch and Ray would cost seconds).
 HELP = """
 import contextlib, io, json, runpy, sys
@@ -96,3 +97,7 @@ def test_every_entry_point_answers_help():
     for entry in ENTRY_POINTS:
         code, text = results[entry]
         assert code == 0 and text.startswith("usage:"), (entry, code, text[-500:])
+    for script in ("dev.sh", "cluster/local.sh"):
+        out = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and f"{script} " in out.stdout, (script, out)  # its usage lines
+

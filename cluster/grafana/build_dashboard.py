@@ -6,16 +6,18 @@ them (see cluster/README.md).
     python cluster/grafana/build_dashboard.py           # rewrite the JSON
     python cluster/grafana/build_dashboard.py --check   # exit 1 if the JSON is not what this writes
 
-The project's series are the ray.util.metrics gauges of pipelines/train.py (Ray prefixes "ray_"),
+The project's series are the ray.util.metrics gauges of pipelines/tracking.py (Ray prefixes "ray_"),
 tagged run and rank; GPU, GPU-memory and CPU use are Ray's own node metrics. Every query keeps
 Ray's SessionName filter.
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import ray
 from ray.dashboard.modules.metrics.dashboards.common import DashboardConfig, Panel, Target
+# Private, but the panels' JSON is Ray's own only through it: Ray's public dashboards are made by
+# it. The --check test (tests/test_cluster.py) fails if a Ray upgrade moves it.
 from ray.dashboard.modules.metrics.grafana_dashboard_factory import _generate_grafana_panels
 
 OUT = Path(__file__).with_name("ray_resnet_grafana_dashboard.json")
@@ -115,10 +117,13 @@ def dashboard() -> str:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the JSON is not what this writes")
+    args = parser.parse_args()
     text = dashboard()
-    if "--check" in sys.argv[1:]:
+    if args.check:
         if not OUT.exists() or OUT.read_text() != text:
-            sys.exit(f"{OUT} is not what {Path(__file__).name} writes: run it to rewrite the JSON")
+            raise SystemExit(f"{OUT} is not what {Path(__file__).name} writes: run it to rewrite the JSON")
     else:
         OUT.write_text(text)
         print(f"wrote {OUT}")
