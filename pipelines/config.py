@@ -215,12 +215,6 @@ class Config(Section):
         if math.prod(len(v) for v in values) > MAX_CHECKED_TRIALS:
             raise ValueError(f"tune.space: {math.prod(len(v) for v in values):,} combinations; "
                              f"at most {MAX_CHECKED_TRIALS:,} (each is validated before the sweep)")
-        if self.tune.scheduler == "asha":
-            most = max(candidates(space.get("schedule.epochs", [self.schedule.epochs])))
-            if self.tune.grace_period > most:
-                raise ValueError(f"tune.grace_period={self.tune.grace_period}: ASHA first judges a trial after "
-                                 f"that many epochs, and the trials run at most {most} (schedule.epochs, or "
-                                 "tune.space.schedule.epochs); lower tune.grace_period or give the trials more epochs")
         base = self.model_dump(exclude={"tune"})
         for combo in itertools.product(*values):
             raw = copy.deepcopy(base)

@@ -107,6 +107,11 @@ def search_space(cfg: Config) -> dict:
             else choose(values) for key, values in cfg.tune.space.items()}
 
 
+def max_epochs(cfg: Config) -> int:
+    """The most epochs any trial of the sweep runs."""
+    return int(max(candidates(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))))
+
+
 def _epochs(cfg: Config, trial: dict) -> int:
     return int(trial.get("schedule.epochs", cfg.schedule.epochs))
 
@@ -151,6 +156,11 @@ def sweep(cfg: Config):
     """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
+    most = max_epochs(cfg)
+    if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > most:
+        raise ConfigError(f"tune.grace_period={cfg.tune.grace_period}: ASHA first judges a trial after that many "
+                          f"epochs, and the trials run at most {most} (schedule.epochs, or "
+                          "tune.space.schedule.epochs); lower tune.grace_period or give the trials more epochs")
     search_alg = searcher(cfg)  # a missing Optuna, said before anything starts
     if not cfg.run.verbose:
         quiet_mlflow()
@@ -189,7 +199,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, stack: c
     trainable = tune.with_resources(tune.with_parameters(run_trial, console=console.channel()), {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
-    max_t = int(max(candidates(cfg.tune.space.get("schedule.epochs", [cfg.schedule.epochs]))))
+    max_t = max_epochs(cfg)
     if cfg.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
                                   grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)

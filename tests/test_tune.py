@@ -119,3 +119,12 @@ def test_optuna_missing_is_said_before_the_sweep_starts(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", "tune.search=optuna"])
     with pytest.raises(ConfigError, match="tune.search=optuna: Optuna is not installed; pip install"):
         sweep(cfg)
+
+
+def test_a_grace_period_longer_than_the_trials_is_refused_before_the_sweep_starts(tmp_path):
+    cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", "tune.space.schedule.epochs=[2]",
+                               "tune.space.schedule.milestones=[[1]]"])
+    with pytest.raises(ConfigError, match="tune.grace_period=4: ASHA first judges a trial after that many epochs, "
+                                          "and the trials run at most 2"):
+        sweep(cfg)
+
