@@ -12,7 +12,6 @@ each trial's training resumes from its own checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
@@ -178,15 +177,15 @@ def sweep(cfg: Config):
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
-        with contextlib.ExitStack() as stack:
-            return _sweep(base, cfg, uri, limit, search_alg, stack)
+        with Console(progress_s=0) as console:  # the trials' lines; no bars: they would interleave
+            return _sweep(base, cfg, uri, limit, search_alg, console.channel())
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, stack: contextlib.ExitStack):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -195,8 +194,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, stack: c
     directory = sweep_dir(cfg)
     parent = open_sweep_run(cfg, uri, experiment_id, directory)
 
-    console = stack.enter_context(Console(progress_s=0))  # trials' lines, no bars: they would interleave
-    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console.channel()), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console), {"CPU": TRIAL_CPU})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
     max_t = max_epochs(cfg)
