@@ -59,7 +59,9 @@ class DataSection(Section):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     shuffle_buffer: int = Field(2048, ge=0)            # rows shuffled locally in each worker; 0: off
-    decode_batch: int = Field(64, ge=1)                # rows per decode task
+    decode: Literal["auto", "cpu", "gpu"] = "auto"     # where images are decoded and augmented: Ray Data's
+                                                       # CPU tasks, or each worker's device; auto: gpu with GPUs
+    decode_batch: int = Field(64, ge=1)                # rows per decode task (cpu)
     prefetch_batches: int = Field(2, ge=0)
     bad_records: Literal["skip", "fail"] = "skip"      # an undecodable row: log and skip, or stop
     deterministic: bool = False              # the same order for the same seed (slower: keeps order)
@@ -118,7 +120,13 @@ class ScalingSection(Section):
     sync_batchnorm: bool = False             # BN statistics over the global batch (GPUs only)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: bf16 autocast on GPUs, off on CPUs
     channels_last: Literal["auto", "on", "off"] = "auto"   # auto: on GPUs
-    compile: bool = False                    # torch.compile the model (minutes of warm-up)
+    # torch.compile the model (a minute or two of warm-up): auto (on GPUs) | on | off, or a mode
+    compile: Literal["auto", "on", "off", "reduce-overhead", "max-autotune"] = "auto"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, v):  # compile: true / false, as earlier configs wrote it
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSection":
@@ -231,6 +239,11 @@ class Config(Section):
     @property
     def run_dir(self) -> str:
         return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run.name}"
+
+    @property
+    def decode_on_device(self) -> bool:
+        """data.decode resolved: True when each worker decodes on its own device (pipelines.gpu_decode)."""
+        return self.data.decode == "gpu" or (self.data.decode == "auto" and self.scaling.gpus_per_worker > 0)
 
     @property
     def local_batch(self) -> int:

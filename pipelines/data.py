@@ -28,10 +28,10 @@ from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 from ray.train import DataConfig
-from torchcodec.decoders import decode_image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from pipelines.codecs import JPEG_MAGIC, decode_image
 from pipelines.config import HOME, DataSection
 from pipelines.ray_internals import execution_count
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest
@@ -187,13 +187,14 @@ def draft_side(data: DataSection, train: bool) -> int | None:
 def decode(data: bytes, min_side: int | None = None) -> torch.Tensor:
     """Encoded bytes -> uint8 RGB tensor, 3 x H x W (HWC in memory, which torch's resize is fastest on).
 
-    TorchCodec's libjpeg-turbo/libpng/libwebp decoders, and tensor transforms after them, ran at 1.6x
-    PIL's rate for decode + RandomResizedCrop(224) on 500x375 photos, with the same pixels as PIL.
+    TorchCodec's libjpeg-turbo/libpng/libwebp decoders (torchvision's where TorchCodec does not
+    load: pipelines.codecs), and tensor transforms after them, ran at 1.6x PIL's rate for decode +
+    RandomResizedCrop(224) on 500x375 photos, with the same pixels as PIL.
     A JPEG whose shorter side may halve or more without going under min_side is decoded at 1/2, 1/4
     or 1/8 scale in the DCT domain instead (PIL's draft); formats TorchCodec does not read go
     through PIL.
     """
-    if min_side and data[:3] == b"\xff\xd8\xff":
+    if min_side and data[:3] == JPEG_MAGIC:
         img = Image.open(io.BytesIO(data))
         scale = min_side / min(img.size)
         if scale < 0.5:
@@ -271,18 +272,20 @@ def shards_dir(data: DataSection) -> str:
     return str(path)
 
 
-def build_datasets(data: DataSection, seed: int):
-    """(train, val, manifest): lazy Ray Datasets of decoded, augmented uint8 images."""
+def build_datasets(data: DataSection, seed: int, encoded: bool = False):
+    """(train, val, manifest): lazy Ray Datasets of decoded, augmented uint8 images, or with encoded
+    (data.decode=gpu) of the shards' encoded bytes, which each worker decodes (pipelines.gpu_decode)."""
     directory = shards_dir(data)
     manifest = load_manifest(directory)
     datasets = []
     for split, train in (("train", True), ("val", False)):
         ds = read_shards(directory, split, shuffle_seed=seed if train else None, columns=["image", "label", "key"])
-        ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
-        # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
-        # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
-        # store; a smaller one splits each chunk in two, and copies it again.
-        ds.context.target_max_block_size = data.decode_batch * data.crop_size ** 2 * 3 + 2**16
+        if not encoded:
+            ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
+            # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
+            # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
+            # store; a smaller one splits each chunk in two, and copies it again.
+            ds.context.target_max_block_size = data.decode_batch * data.crop_size ** 2 * 3 + 2**16
         # Tasks finish in any order; keeping the order makes it a function of the seed alone.
         ds.context.execution_options.preserve_order = data.deterministic
         datasets.append(ds)
@@ -290,14 +293,24 @@ def build_datasets(data: DataSection, seed: int):
 
 
 class Collate(NumpyBatchCollateFn):
-    """Numpy batch -> tensors, no copy. Arrow-backed arrays are read-only; nothing writes to them
-    (to_device makes a new float tensor), so torch's warning about that is silenced here."""
+    """Numpy batch -> tensors, no copy; encoded images stay a list of bytes. Arrow-backed arrays are
+    read-only; nothing writes to them (to_device makes a new float tensor), so torch's warning
+    about that is silenced here. pin: the images are copied into page-locked memory (in Ray's
+    collate threads), from which the copy to the GPU runs asynchronously."""
+
+    def __init__(self, pin: bool = False):
+        super().__init__()
+        self.pin = pin
 
     def __call__(self, batch: dict) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
-                    "key": list(batch["key"])}
+            image = batch["image"]
+            if image.dtype != object:
+                image = torch.from_numpy(image)
+                if self.pin:
+                    image = image.pin_memory()
+            return {"image": image, "label": torch.from_numpy(batch["label"]), "key": list(batch["key"])}
 
 
 def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:
@@ -338,14 +351,15 @@ class Ingest(DataConfig):
         return out
 
 
-def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: int, train: bool):
-    """One epoch of batches from a Dataset or a Train worker's DataIterator.
+def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: int, train: bool,
+                  pin: bool = False):
+    """One epoch of batches on the host from a Dataset or a Train worker's DataIterator.
 
     Training batches are shuffled within a local buffer, seeded by (seed, epoch); the file order
     is reshuffled per epoch by read_shards. The final partial training batch is dropped.
     """
     return source.iter_torch_batches(
-        batch_size=batch_size, collate_fn=Collate(), drop_last=train,
+        batch_size=batch_size, collate_fn=Collate(pin), drop_last=train,
         prefetch_batches=data.prefetch_batches,
         local_shuffle_buffer_size=data.shuffle_buffer if train and data.shuffle_buffer else None,
         local_shuffle_seed=(seed * 100_003 + epoch) if train else None)
@@ -364,10 +378,16 @@ def to_device(batch: dict, device: torch.device, data: DataSection, channels_las
     x = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     mean, std = _channel_stats(data.mean, data.std, device)
     x = (x - mean) / std
-    if data.pca_lighting and generator is not None:  # AlexNet-style colour noise, per image
-        alpha = torch.randn(x.size(0), 3, generator=generator) * data.pca_lighting
-        rgb = (PCA_EIGVEC @ (alpha * PCA_EIGVAL).T).T.to(device)
-        x = x + (rgb / std.view(1, 3)).view(-1, 3, 1, 1)
+    if data.pca_lighting and generator is not None:
+        x = lighting(x, data, generator)
     if not channels_last:
         x = x.contiguous()
     return x, batch["label"].to(device, non_blocking=True)
+
+
+def lighting(x: torch.Tensor, data: DataSection, generator: torch.Generator) -> torch.Tensor:
+    """AlexNet-style colour noise on a normalised batch, per image, drawn from generator (CPU)."""
+    alpha = torch.randn(x.size(0), 3, generator=generator) * data.pca_lighting
+    rgb = (PCA_EIGVEC @ (alpha * PCA_EIGVAL).T).T.to(x.device, non_blocking=True)
+    std = _channel_stats(data.mean, data.std, x.device)[1]
+    return x + (rgb / std.view(1, 3)).view(-1, 3, 1, 1)

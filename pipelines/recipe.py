@@ -70,17 +70,21 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Numerics:
-    """How a device computes: the autocast dtype (None: fp32) and the memory layout."""
+    """How a device computes: the autocast dtype (None: fp32), the memory layout, and the
+    torch.compile mode (None: eager)."""
     amp: torch.dtype | None
     channels_last: bool
+    compile: str | None = None
 
 
 def numerics(cfg: Config, device: torch.device) -> Numerics:
-    """bf16 autocast and NHWC (channels_last) pay off on GPUs; on CPUs fp32 NCHW, unless the config says."""
+    """bf16 autocast, NHWC (channels_last) and torch.compile pay off on GPUs (docs/gpu.md); on CPUs
+    fp32, NCHW and eager, unless the config says."""
     gpu = device.type == "cuda"
-    amp = {"auto": torch.bfloat16 if gpu else None, "off": None,
-           "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.scaling.amp]
-    return Numerics(amp, {"auto": gpu, "on": True, "off": False}[cfg.scaling.channels_last])
+    sc = cfg.scaling
+    amp = {"auto": torch.bfloat16 if gpu else None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[sc.amp]
+    compile = {"auto": "default" if gpu else None, "on": "default", "off": None}.get(sc.compile, sc.compile)
+    return Numerics(amp, {"auto": gpu, "on": True, "off": False}[sc.channels_last], compile)
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -26,6 +27,8 @@ from pipelines.checkpoint import best_checkpoint, has_checkpoints, load_state, r
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import Ingest, build_datasets, epoch_batches, shards_dir, to_device, usable_rows
+from pipelines.feed import DeviceBatch, device_batches
+from pipelines.gpu_decode import BatchAugment
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
 from pipelines.runtime import check_cluster, start_ray
@@ -85,7 +88,7 @@ def build(cfg: Config, info: dict) -> Job:
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     steps_per_epoch = max(info["train_rows"] // world // cfg.local_batch, 1)
-    return Job(cfg, info, rank, world, device, num, model, torch.compile(model) if cfg.scaling.compile else model,
+    return Job(cfg, info, rank, world, device, num, model, torch.compile(model, mode=num.compile) if num.compile else model,
                opt, torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16),
                Schedule(opt, cfg, steps_per_epoch), torch.Generator().manual_seed(cfg.run.seed * 1000 + rank))
 
@@ -102,6 +105,32 @@ def restore(job: Job, ckpt) -> None:
     job.epoch, job.step, job.schedule.warming, job.history = (state[k] for k in ("epoch", "step", "warming", "history"))
 
 
+def feed(job: Job, shard, train: bool):
+    """This epoch's batches on the device (DeviceBatch), prepared data.prefetch_batches ahead of the
+    step (pipelines.feed): decoded and augmented on the device (data.decode=gpu), or decoded by Ray
+    Data on the CPUs and copied from pinned memory. Undecodable rows are taken out and counted; a
+    training batch of nothing else keeps one placeholder (label -1), so a DDP worker still steps."""
+    cfg, data = job.cfg, job.cfg.data
+    host = epoch_batches(shard, data, job.epoch, cfg.run.seed, cfg.local_batch, train=train,
+                         pin=job.device.type == "cuda" and not cfg.decode_on_device)
+    colour = job.lighting if train else None
+    if cfg.decode_on_device:
+        # crop boxes and flips: a stream of their own per (seed, epoch, rank, split)
+        augment = BatchAugment(data, train, job.device, np.random.default_rng([cfg.run.seed, job.epoch, job.rank, train]),
+                               channels_last=job.numerics.channels_last, generator=colour)
+
+        def prepare(b: dict) -> DeviceBatch:
+            x, y, skipped = augment(b, keep_one=train)
+            return DeviceBatch(x, y, len(b["key"]), skipped)
+    else:
+        def prepare(b: dict) -> DeviceBatch:
+            rows = len(b["label"])
+            b, skipped = usable_rows(b, keep_one=train)
+            x, y = to_device(b, job.device, data, channels_last=job.numerics.channels_last, generator=colour)
+            return DeviceBatch(x, y, rows, skipped)
+    return device_batches(host, prepare, job.device, ahead=data.prefetch_batches)
+
+
 def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
     """One epoch of steps: (the epoch's training metrics over all workers, this worker's for its
     gauges). Counts stay on the device until the epoch ends: no step waits for the GPU to report a number."""
@@ -109,8 +138,8 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
     job.model.train()
     t0, waited, delivered = time.perf_counter(), 0.0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
-    skipped = 0  # undecodable rows (data.bad_records=skip): placeholders, taken out on the host
-    batches = iter(epoch_batches(shard, data, job.epoch, cfg.run.seed, cfg.local_batch, train=True))
+    skipped = 0  # undecodable rows (data.bad_records=skip)
+    batches = iter(feed(job, shard, train=True))
     say.start_epoch(job.epoch, job.schedule.steps_per_epoch * data.batch_size)
     while True:
         tw = time.perf_counter()
@@ -118,10 +147,9 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
         waited += time.perf_counter() - tw
         if b is None:
             break
-        delivered += len(b["label"])
-        b, bad = usable_rows(b, keep_one=True)
-        skipped += bad
-        x, y = to_device(b, job.device, data, channels_last=job.numerics.channels_last, generator=job.lighting)
+        delivered += b.rows
+        skipped += b.skipped
+        x, y = b.x, b.y
         job.schedule.set(job.step)
         logits, loss = train_step(job.forward, job.opt, job.scaler, x, y, cfg, job.numerics.amp)
         job.step += 1
@@ -147,15 +175,14 @@ def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
 
 
 def validate(job: Job, shard) -> dict:
-    data, skipped = job.cfg.data, 0
+    skipped = 0
 
     def batches():
         nonlocal skipped
-        for b in epoch_batches(shard, data, job.epoch, job.cfg.run.seed, job.cfg.local_batch, train=False):
-            b, bad = usable_rows(b)
-            skipped += bad
-            if len(b["label"]):
-                yield to_device(b, job.device, data, channels_last=job.numerics.channels_last)
+        for b in feed(job, shard, train=False):
+            skipped += b.skipped
+            if len(b.y):
+                yield b.x, b.y
 
     counts = validation_counts(job.net, batches(), job.device, job.numerics)
     top1, top5, seen, skipped = all_reduce(torch.cat([counts, torch.tensor([skipped], dtype=torch.float64)])).tolist()
@@ -186,8 +213,10 @@ def train_loop(config: dict) -> None:
     if tracker:
         tracker.log(job.history)  # epochs checkpointed before a failure but not yet logged
     nodes = len(set(all_gather(ray.get_runtime_context().get_node_id())))
-    say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}, "
-             f"global batch {cfg.data.batch_size}; epochs {job.epoch + 1}..{cfg.schedule.epochs}"
+    decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
+    say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
+             + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
+             + f"; images {decoding}; global batch {cfg.data.batch_size}; epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch else ""))
     if job.epoch >= cfg.schedule.epochs and job.history:
         say.line(f"run {cfg.run.name} has trained its {job.epoch} epochs already: raise schedule.epochs to "
@@ -283,7 +312,7 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     if ray_line:
         print(ray_line, flush=True)
     check_cluster(cfg)
-    train_ds, val_ds, _ = build_datasets(cfg.data, cfg.run.seed)
+    train_ds, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])

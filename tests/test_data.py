@@ -152,25 +152,46 @@ def test_each_epoch_shows_every_training_image_once_across_the_workers(digits_di
 
     # No shuffle buffer and tasks in order: a new order each epoch comes from the read tasks'
     # per-execution order alone, inside Train's split coordinator.
+    # Beside it, the encoded rows that data.decode=gpu hands the workers, decoded in each worker.
     data = data_cfg(f"data.shards={digits_dir}", "data.shuffle_buffer=0", "data.deterministic=true")
     train_ds, _, manifest = build_datasets(data, seed=0)
+    encoded_ds, _, _ = build_datasets(data, seed=0, encoded=True)
 
     def loop(config):
         import ray.train
+        from pipelines.feed import DeviceBatch, device_batches
+        from pipelines.gpu_decode import BatchAugment
         rank = ray.train.get_context().get_world_rank()
-        shard = ray.train.get_dataset_shard("train")
+        shard, encoded = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("encoded")
+        augment = BatchAugment(config["data"], True, torch.device("cpu"), np.random.default_rng(rank))
         for epoch in range(2):  # batch 1: drop_last drops nothing, every row is counted
             keys = [k for b in epoch_batches(shard, config["data"], epoch, 0, 1, train=True) for k in b["key"]]
-            with open(os.path.join(config["out"], f"{epoch}-{rank}.json"), "w") as f:
-                json.dump(keys, f)
+            decoded = []
+
+            def prepare(b):
+                x, y, skipped = augment(b)
+                assert x.shape == (len(b["key"]), 3, 32, 32) and skipped == 0
+                assert torch.equal(y, b["label"].long())  # each label stays with its row
+                decoded.extend(b["key"])
+                return DeviceBatch(x, y, len(b["key"]), skipped)
+
+            for _ in device_batches(epoch_batches(encoded, config["data"], epoch, 0, 16, train=True), prepare,
+                                    torch.device("cpu")):
+                pass
+            for name, got in (("decoded", keys), ("encoded", decoded)):
+                with open(os.path.join(config["out"], f"{name}-{epoch}-{rank}.json"), "w") as f:
+                    json.dump(got, f)
 
     TorchTrainer(loop, train_loop_config={"data": data, "out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                 datasets={"train": train_ds}).fit()
+                 datasets={"train": train_ds, "encoded": encoded_ds}).fit()
     rows = manifest["splits"]["train"]["rows"]
     orders = []
     for epoch in range(2):
-        per_rank = [json.loads((tmp_path / f"{epoch}-{r}.json").read_text()) for r in range(2)]
+        encoded = [json.loads((tmp_path / f"encoded-{epoch}-{r}.json").read_text()) for r in range(2)]
+        assert len(encoded[0]) == len(encoded[1]) == rows // 2 // 16 * 16          # whole batches only
+        assert len(set(encoded[0] + encoded[1])) == len(encoded[0] + encoded[1])  # none twice
+        per_rank = [json.loads((tmp_path / f"decoded-{epoch}-{r}.json").read_text()) for r in range(2)]
         keys = per_rank[0] + per_rank[1]
         assert len(keys) == len(set(keys))                    # nobody sees an image twice
         assert rows - 1 <= len(keys) <= rows                   # equal shares drop at most world_size - 1

@@ -56,12 +56,16 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
     saved = yaml.safe_load((tmp_path / "resume" / "config.yaml").read_text())
     assert Config.model_validate(saved) == cfg
 
-    # Started again with the same name and one more epoch: it begins at epoch 2.
-    longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2")
+    # Started again with the same name and one more epoch: it begins at epoch 2. It decodes in the
+    # workers this time (data.decode=gpu, on their CPUs here), which loses nothing either.
+    longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2", "data.decode=gpu")
     result = fit(longer)
     second = load_state(result.checkpoint)
     assert [r["epoch"] for r in second["history"]] == [1, 2]
     assert second["history"][0] == row                       # epoch 1 was not trained again
+    last = second["history"][1]
+    assert last["train_dropped"] == row["train_dropped"] and last["val_dropped"] == 0
+    assert last["train_skipped"] == 0 and last["val_skipped"] == 0 and last["train_error"] < row["train_error"]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
     kept = [p for p in (tmp_path / "resume").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert len(kept) == 2
