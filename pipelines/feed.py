@@ -1,6 +1,6 @@
-"""Batches prepared ahead of the training step: host batches in, device batches out. No Ray here.
+"""Batches prepared ahead of the training step: host batches in, device batches out.
 
-    for x, y, rows, skipped in device_batches(host_batches, prepare, device, ahead=2):
+    for x, y, rows, skipped in epoch_feed(shard, cfg, epoch, rank, device, channels_last, train=True):
         train_step(...)
 
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
@@ -16,7 +16,12 @@ import queue
 import threading
 from typing import Callable, Iterable, NamedTuple
 
+import numpy as np
 import torch
+
+from pipelines.config import Config
+from pipelines.data import epoch_batches, to_device, usable_rows
+from pipelines.gpu_decode import BatchAugment
 
 
 class DeviceBatch(NamedTuple):
@@ -57,11 +62,13 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
                 continue
         return False
 
+    source = iter(batches)
+
     def work():
         try:
             if cuda:
                 torch.cuda.set_device(device)
-            for batch in batches:
+            for batch in source:
                 with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     out = prepare(batch)
                     event = torch.cuda.Event() if cuda else None
@@ -72,6 +79,8 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
             put(_Failed(e))
+        finally:  # a consumer that stopped early: end the source's iteration here, while Ray is up
+            getattr(source, "close", lambda: None)()
 
     thread = threading.Thread(target=work, name="device-batches", daemon=True)
     thread.start()
@@ -95,3 +104,30 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
             while True:
                 ready.get_nowait()
         thread.join(timeout=30)
+
+
+def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device, channels_last: bool, train: bool,
+               generator: torch.Generator | None = None):
+    """One epoch of a Dataset's or a Train worker's DataIterator as DeviceBatches, data.prefetch_batches
+    ahead: decoded and augmented on the device (cfg.decode_on_device), or decoded by Ray Data on
+    the CPUs and copied from pinned memory. Undecodable rows are taken out and counted; a training
+    batch of nothing else keeps one placeholder (label -1), so a DDP worker still steps.
+    generator: the colour noise's stream (data.pca_lighting)."""
+    data = cfg.data
+    host = epoch_batches(source, data, epoch, cfg.run.seed, cfg.local_batch, train=train,
+                         pin=device.type == "cuda" and not cfg.decode_on_device)
+    if cfg.decode_on_device:
+        # crop boxes and flips: a stream of their own per (seed, epoch, rank, split)
+        augment = BatchAugment(data, train, device, np.random.default_rng([cfg.run.seed, epoch, rank, train]),
+                               channels_last=channels_last, generator=generator)
+
+        def prepare(b: dict) -> DeviceBatch:
+            x, y, skipped = augment(b, keep_one=train)
+            return DeviceBatch(x, y, len(b["key"]), skipped)
+    else:
+        def prepare(b: dict) -> DeviceBatch:
+            rows = len(b["label"])
+            b, skipped = usable_rows(b, keep_one=train)
+            x, y = to_device(b, device, data, channels_last=channels_last, generator=generator)
+            return DeviceBatch(x, y, rows, skipped)
+    return device_batches(host, prepare, device, ahead=data.prefetch_batches)

@@ -17,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -26,9 +25,8 @@ from pipelines import checkpoint
 from pipelines.checkpoint import best_checkpoint, has_checkpoints, load_state, read_text, save_text
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
-from pipelines.data import Ingest, build_datasets, epoch_batches, shards_dir, to_device, usable_rows
-from pipelines.feed import DeviceBatch, device_batches
-from pipelines.gpu_decode import BatchAugment
+from pipelines.data import Ingest, build_datasets, shards_dir
+from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
 from pipelines.runtime import check_cluster, start_ray
@@ -106,29 +104,9 @@ def restore(job: Job, ckpt) -> None:
 
 
 def feed(job: Job, shard, train: bool):
-    """This epoch's batches on the device (DeviceBatch), prepared data.prefetch_batches ahead of the
-    step (pipelines.feed): decoded and augmented on the device (data.decode=gpu), or decoded by Ray
-    Data on the CPUs and copied from pinned memory. Undecodable rows are taken out and counted; a
-    training batch of nothing else keeps one placeholder (label -1), so a DDP worker still steps."""
-    cfg, data = job.cfg, job.cfg.data
-    host = epoch_batches(shard, data, job.epoch, cfg.run.seed, cfg.local_batch, train=train,
-                         pin=job.device.type == "cuda" and not cfg.decode_on_device)
-    colour = job.lighting if train else None
-    if cfg.decode_on_device:
-        # crop boxes and flips: a stream of their own per (seed, epoch, rank, split)
-        augment = BatchAugment(data, train, job.device, np.random.default_rng([cfg.run.seed, job.epoch, job.rank, train]),
-                               channels_last=job.numerics.channels_last, generator=colour)
-
-        def prepare(b: dict) -> DeviceBatch:
-            x, y, skipped = augment(b, keep_one=train)
-            return DeviceBatch(x, y, len(b["key"]), skipped)
-    else:
-        def prepare(b: dict) -> DeviceBatch:
-            rows = len(b["label"])
-            b, skipped = usable_rows(b, keep_one=train)
-            x, y = to_device(b, job.device, data, channels_last=job.numerics.channels_last, generator=colour)
-            return DeviceBatch(x, y, rows, skipped)
-    return device_batches(host, prepare, job.device, ahead=data.prefetch_batches)
+    """This epoch's batches on the device, prepared ahead of the step (pipelines.feed)."""
+    return epoch_feed(shard, job.cfg, job.epoch, job.rank, job.device, job.numerics.channels_last, train,
+                      generator=job.lighting if train else None)
 
 
 def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
