@@ -49,6 +49,8 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
                 yield out
         return
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
+        device = torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(device) if cuda else None
     ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()

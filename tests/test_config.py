@@ -17,6 +17,24 @@ def test_the_shipped_config_is_valid_and_complete():
     assert cfg.checkpoint.storage_path.startswith("/")  # ~ expanded: jobs run in other directories
 
 
+def test_gpu_settings_resolve_from_the_workers_devices():
+    import torch
+    from pipelines.recipe import numerics
+    cpu, gpu = load_config(CONFIG), load_config(CONFIG, ["scaling.gpus_per_worker=1"])
+    assert not cpu.decode_on_device and gpu.decode_on_device  # data.decode: auto
+    assert load_config(CONFIG, ["data.decode=gpu"]).decode_on_device
+    assert not load_config(CONFIG, ["scaling.gpus_per_worker=1", "data.decode=cpu"]).decode_on_device
+    on_cpu = numerics(cpu, torch.device("cpu"))
+    assert on_cpu.amp is None and not on_cpu.channels_last and on_cpu.compile is None
+    on_gpu = numerics(gpu, torch.device("cuda"))
+    assert on_gpu.amp == torch.bfloat16 and on_gpu.channels_last and on_gpu.compile == "default"
+    # earlier configs wrote compile: true / false
+    assert load_config(CONFIG, ["scaling.compile=true"]).scaling.compile == "on"
+    assert numerics(load_config(CONFIG, ["scaling.compile=false"]), torch.device("cuda")).compile is None
+    assert numerics(load_config(CONFIG, ["scaling.compile=reduce-overhead"]), torch.device("cpu")).compile \
+        == "reduce-overhead"
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(CONFIG, ["model.depth=56", "optim.lr=0.05", "model.residual=false",
                                "schedule.milestones=[3, 6]", "tune.space.model.depth=[20, 44]",
@@ -53,6 +71,8 @@ def test_dotted_overrides_are_typed():
     (["tune.search=random", "tune.space.optim.momentum={uniform: [0.5, 1.0]}"],  # a range's ends are trials
      "optim.momentum=1.0: Input should be less than 1"),
     (["data.shuffle_buffer=100"], "data.shuffle_buffer=100: at least twice each worker's batch (64), i.e. 128 or more"),
+    (["data.decode=nvjpeg"], "data.decode=nvjpeg: Input should be 'auto', 'cpu' or 'gpu'"),
+    (["scaling.compile=fast"], "scaling.compile=fast: Input should be 'auto', 'on', 'off', 'reduce-overhead'"),
     (["model"], "override 'model': write overrides as key=value"),
     (["model=resnet50"], "model is a section; override one of its keys"),
 ])
