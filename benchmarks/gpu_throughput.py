@@ -121,6 +121,23 @@ def feed_batches(cfg, device, channels_last: bool):
         yield from epoch_feed(train_ds, cfg, epoch, 0, device, channels_last, train=True)
 
 
+def decode_alone(shards: Path, a, device, row) -> None:
+    """Batched decode of a batch's JPEGs on the device, by each decoder that loads here."""
+    import pyarrow.parquet as pq
+    from pipelines import codecs
+    first = sorted((shards / "train").glob("*.parquet"))[0]
+    encoded = pq.read_table(first, columns=["image"]).column("image").to_pylist()[:a.batch]
+    encoded = (encoded * (a.batch // len(encoded) + 1))[:a.batch]
+    for loader in (codecs._torchcodec, codecs._torchvision):
+        try:
+            name, _, decode_jpeg = loader()
+        except Exception as e:  # noqa: BLE001 - not installed, or built for another torch
+            print(f"   decode alone, {loader.__name__[1:]}: does not load here ({type(e).__name__})")
+            continue
+        row(f"   decode alone, {name}", timed(lambda i: decode_jpeg(encoded, mode="RGB", device=device),
+                                              device, a.batch, a.steps, a.warmup), training=False)
+
+
 def product_rate(shards: Path, a, home: Path, device) -> tuple[float, str]:
     """python -m pipelines.train on the shards; (images/s of its last epoch, its table)."""
     gpu = device.type == "cuda"
@@ -181,9 +198,9 @@ def main() -> None:
     flops = 2 * model_stats(build_model(model), (3, a.size, a.size))["macs"]  # forward FLOPs per image
     peak = peak_tflops(device)
 
-    def row(label, rate, note=""):
-        mfu = f"MFU {3 * flops * rate / (peak * 1e12):.1%}" if peak and flops else ""
-        print(f"{label:<52} {rate:>9,.0f} img/s   {mfu}{note}", flush=True)
+    def row(label, rate, training=True):
+        mfu = f"MFU {3 * flops * rate / (peak * 1e12):.1%}" if peak and training else ""
+        print(f"{label:<52} {rate:>9,.0f} img/s   {mfu}", flush=True)
         return rate
 
     print(f"\n1. {model} on synthetic {a.size}x{a.size} data: the compute ceiling")
@@ -226,12 +243,13 @@ def main() -> None:
                  runtime_env={"worker_process_setup_hook": SETUP_HOOK}, logging_level=logging.ERROR)
         quiet_ray_data()
         paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPUs"), ("b", "gpu", f"decoded on the {device.type}")]
-        print("\n2. the input alone (the product's feed), RandomResizedCrop + flip")
+        print("\n2. the input alone: the JPEG decoders on one batch, then the product's feed (RandomResizedCrop + flip)")
+        decode_alone(shards, a, device, row)
         for key, decode, label in paths:
             batches = feed_batches(bench_config(shards, a, decode), device, channels_last=True)
-            row(f"{key}. {label}", timed(lambda i: next(batches), device, a.batch, a.steps, a.warmup))
+            row(f"{key}. {label}", timed(lambda i: next(batches), device, a.batch, a.steps, a.warmup), training=False)
             batches.close()
-        print(f"\n3. end to end in this process: the feed into the fastest step of 1")
+        print("\n3. end to end in this process: the feed into the fastest step of 1")
         for key, decode, label in paths:
             batches = feed_batches(bench_config(shards, a, decode), device, channels_last=best.channels_last)
 
@@ -241,7 +259,7 @@ def main() -> None:
             row(f"{key}. {label}", timed(train, device, a.batch, a.steps, a.warmup))
             batches.close()
         ray.shutdown()
-        del best
+        best = None  # its memory, before the product trains
         if cuda:
             torch.cuda.empty_cache()
 

@@ -142,7 +142,7 @@ def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int) -> tor
         rois = torch.as_tensor(rois, dtype=torch.float32).to(device, non_blocking=True)
         # aligned: pixel centres at +0.5, so a box of the output's size samples exact pixels
         resampled = roi_align(group, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        out[torch.as_tensor(idx, device=device)] = resampled
+        out[torch.as_tensor(idx).to(device, non_blocking=True)] = resampled
     return out
 
 

@@ -16,6 +16,8 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # its warning that the progress bars are off, which we just chose, on the first execution
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def setup_process() -> None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check in one command, where the GPU is: installs the wheels carried in benchmarks/wheels
+# (made by benchmarks/gpu_wheels.sh) when Ray, MLflow or pydantic is missing, then runs every row
+# of benchmarks/gpu_throughput.py, stopped after LIMIT_S seconds (default 450: the whole check
+# within 8 minutes). With OUT set, its output is also written to $OUT/gpu_throughput.txt.
+#   benchmarks/gpu_check.sh [gpu_throughput.py's flags]     WHEELS=DIR PYTHON=... LIMIT_S=...
+set -euo pipefail
+
+case "${1:-}" in -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+WHEELS=${WHEELS:-$ROOT/benchmarks/wheels}
+
+if ! "$PYTHON" -c "import ray, mlflow, pydantic" 2>/dev/null; then
+  PYTHON=$PYTHON bash "$ROOT/benchmarks/gpu_install.sh" "$WHEELS"
+fi
+cd "$ROOT"
+# Ray's worker processes import pipelines too (the setup hook, the decode tasks): from this checkout
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+log=/dev/null
+[ -n "${OUT:-}" ] && log=$OUT/gpu_throughput.txt
+timeout "${LIMIT_S:-450}" "$PYTHON" benchmarks/gpu_throughput.py "$@" 2>&1 | tee "$log"
