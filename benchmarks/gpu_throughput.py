@@ -176,8 +176,8 @@ def main() -> None:
                    help="training images in the shards, the photos linked under new names (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs of the product's run; the last one is the figure (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) - 1,
-                   help="CPUs for Ray Data in rows 2-3 (default: all but one)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPUs for Ray Data in rows 2-3 (default: all but --train-cpus, as in the product's run)")
     p.add_argument("--train-cpus", type=int, default=4,
                    help="scaling.cpus_per_worker of the product's run: the training process's share (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (rows and the product's run)")
@@ -187,6 +187,8 @@ def main() -> None:
     if a.smoke:
         a.batch, a.steps, a.warmup, a.photos, a.images, a.no_compile = 4, 2, 1, 16, 64, True
         a.depth, a.size, a.epochs, a.train_cpus = 18, 64, 2, 1
+    if a.workers is None:  # the training process keeps the cores it needs for its feed and Ray's threads
+        a.workers = max(1, len(os.sched_getaffinity(0)) - a.train_cpus)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     name = device.type + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
