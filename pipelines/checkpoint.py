@@ -109,16 +109,21 @@ def find_checkpoint(path: str) -> tuple[dict, str]:
     accepted = "give a checkpoint_* directory of a run or a run directory"
     if not where.is_dir():
         raise ConfigError(f"{path}: no such directory; {accepted}")
-    candidates = [where] if (where / "state.pt").is_file() else sorted(
-        c for c in where.glob("checkpoint_*") if (c / "state.pt").is_file())
-    if not candidates:
-        raise ConfigError(f"{path}: no state.pt and no checkpoint_* directories holding one; {accepted}")
-    states = {}
-    for c in candidates:
+    if (where / "state.pt").is_file():  # a checkpoint itself: it must be readable
         try:
-            states[c] = load_state(c)
+            return load_state(where), str(where)
         except CheckpointError as e:
             raise ConfigError(f"{e}; {accepted}") from None
+    states, unreadable = {}, []
+    for c in sorted(where.glob("checkpoint_*")):
+        try:  # a run's folder may hold one a failed write left behind (storage full, a node lost)
+            states[c] = load_state(c)
+        except CheckpointError as e:
+            unreadable.append(f"{c.name} ({str(e).removeprefix(str(c / 'state.pt') + ': ')})")
+    if unreadable:
+        print(f"{path}: skipped {len(unreadable)} unreadable checkpoint(s): {'; '.join(unreadable)}", flush=True)
+    if not states:
+        raise ConfigError(f"{path}: no state.pt and no checkpoint_* directories holding a readable one; {accepted}")
     best = min(states, key=lambda c: states[c]["history"][-1]["val_error"])
     if best != where:
         row = states[best]["history"][-1]

@@ -13,6 +13,7 @@ import difflib
 import itertools
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -31,18 +32,45 @@ HOME = Path(os.environ.get("RAY_RESNET_HOME", "~/ray-resnet")).expanduser()
 MAX_CHECKED_TRIALS = 10_000
 
 
+# A run or sweep name is one folder under checkpoint.storage_path and an MLflow run name.
+# A sweep's trials are named like "a1b2c3-depth=20,lr=0.1".
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,=+-]{0,199}")
+SAFE_NAME_RULE = ("one folder name: letters, digits and . _ , = + -, starting with a letter or digit, "
+                  "at most 200 characters")
+
+
+def safe_name(key: str, value: str) -> str:
+    if not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{key}={value}: {SAFE_NAME_RULE}")
+    return value
+
+
 class Section(BaseModel):
-    # run.name=2024 is a name, not an error
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    # run.name=2024 is a name, not an error; inf and nan are no setting's value
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        # pydantic reads true as 1 for an int or float field: data.batch_size=true is a mistake
+        ann = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and ann in (int, float, int | None, float | None):
+            raise ValueError(f"a number, not {str(v).lower()}")
+        return v
 
 
 class RunSection(Section):
-    name: str = Field("digits-resnet20", min_length=1)  # checkpoints, MLflow run, resume key
-    seed: int = 0
+    name: str = "digits-resnet20"            # checkpoints, MLflow run, resume key: one folder name
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Ray Data's seeds are 32-bit
     max_failures: int = Field(3, ge=-1)      # restarts from the last checkpoint after a worker dies; -1: always
     progress_s: float = Field(30, ge=0)      # a progress line this often within an epoch when the output
                                              # is not a terminal (a terminal gets a bar); 0: none
     verbose: bool = False                    # Ray's own log lines on the console too (else only in its logs)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunSection":
+        safe_name("name", self.name)
+        return self
 
 
 class DataSection(Section):
@@ -80,17 +108,17 @@ class DataSection(Section):
 
 
 class OptimSection(Section):
-    lr: float = Field(0.1, gt=0)             # the learning rate at a global batch of lr_batch ...
+    lr: float = Field(0.1, gt=0, le=100)     # the learning rate at a global batch of lr_batch ...
     lr_batch: int = Field(128, ge=1)         # ... scaled linearly for other batch sizes
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
     no_decay_bn_bias: bool = False           # exempt BN parameters and biases from weight decay
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class ScheduleSection(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=100_000)
     kind: Literal["step", "cosine"] = "step"
     milestones: list[int] = [5, 8]          # step: divide lr by 1/gamma at these ...
     milestone_unit: Literal["epoch", "iteration"] = "epoch"  # ... epochs, or the paper's 32k/48k iterations
@@ -106,6 +134,8 @@ class ScheduleSection(Section):
         if self.milestone_unit == "epoch" and self.milestones and self.milestones[-1] >= self.epochs:
             raise ValueError(f"milestones={self.milestones}: epoch milestones must be below "
                              f"schedule.epochs={self.epochs}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g}: at most schedule.epochs={self.epochs}")
         if (self.warmup_lr is None) != (self.warmup_until_error is None):
             raise ValueError(f"warmup_lr={self.warmup_lr}: set together with warmup_until_error "
                              "(the ResNet-110 recipe: warmup_lr=0.01, warmup_until_error=0.8)")
@@ -148,6 +178,8 @@ class CheckpointSection(Section):
     def _absolute(cls, v: str | None) -> str:  # workers and `ray job submit` run in other directories
         if v is None:
             return str(HOME / "runs")
+        if not v.strip():
+            raise ValueError("a local path or an s3:// / gs:// URI, or null for ~/ray-resnet/runs; not empty")
         return v if "://" in v else str(Path(v).expanduser().resolve())
 
 
@@ -170,7 +202,7 @@ def candidates(values: list | dict) -> list:
 
 
 class TuneSection(Section):
-    name: str = Field("depth-sweep", min_length=1)
+    name: str = "depth-sweep"                # the sweep's folder and MLflow parent run: one folder name
     # Dotted config key -> the values to try, e.g. {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]},
     # or a range for random search, e.g. {"optim.lr": {"loguniform": [0.01, 0.5]}}
     space: dict[str, list[Any] | Range] = {"model.depth": [20, 32], "optim.lr": [0.05, 0.1]}
@@ -183,6 +215,7 @@ class TuneSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TuneSection":
+        safe_name("name", self.name)
         for key, values in self.space.items():
             if not values:
                 raise ValueError(f"space.{key}=[]: give at least one value to try")
@@ -209,6 +242,18 @@ class Config(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     mlflow: MlflowSection = MlflowSection()
     tune: TuneSection = TuneSection()
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "Config":
+        b, w = self.data.batch_size, self.scaling.num_workers
+        if b % w:
+            raise ValueError(f"data.batch_size={b}: the global batch is split evenly over "
+                             f"scaling.num_workers={w}; use a multiple of {w}, e.g. {b // w * w or w}")
+        if 0 < self.data.shuffle_buffer < 2 * self.local_batch:
+            # Ray Data's local shuffle then hands out short batches in mid-epoch (seen with 2.60)
+            raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice each worker's "
+                             f"batch ({self.local_batch}), i.e. {2 * self.local_batch} or more, or 0 for none")
+        return self
 
     @model_validator(mode="after")
     def _check_space(self) -> "Config":
@@ -248,18 +293,6 @@ class Config(Section):
     @property
     def local_batch(self) -> int:
         return self.data.batch_size // self.scaling.num_workers
-
-    @model_validator(mode="after")
-    def _check_batch(self) -> "Config":
-        b, w = self.data.batch_size, self.scaling.num_workers
-        if b % w:
-            raise ValueError(f"data.batch_size={b}: the global batch is split evenly over "
-                             f"scaling.num_workers={w}; use a multiple of {w}, e.g. {b // w * w or w}")
-        if 0 < self.data.shuffle_buffer < 2 * self.local_batch:
-            # Ray Data's local shuffle then hands out short batches in mid-epoch (seen with 2.60)
-            raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice each worker's "
-                             f"batch ({self.local_batch}), i.e. {2 * self.local_batch} or more, or 0 for none")
-        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -331,9 +364,11 @@ def explain(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(_unknown(dotted, _schema_at(loc[:-1])))
         elif err["type"] == "value_error":
-            # Cross-field checks word their message as "key=value: what is accepted".
             msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            lines.append(f"{dotted}.{msg}" if dotted else msg)
+            if loc and _schema_at(loc) is None:  # one key's own check
+                lines.append(f"{dotted}={err.get('input')}: {msg}")
+            else:  # cross-field checks word their message as "key=value: what is accepted"
+                lines.append(f"{dotted}.{msg}" if dotted else msg)
         else:
             lines.append(f"{dotted}={err.get('input')}: {err['msg']}")
     return "\n".join(lines)
@@ -343,21 +378,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     """The file (or base, a config as a dict, or the defaults) with `key=value` overrides applied, validated."""
     raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = read_yaml(path)
         raw = {k: ({} if v is None else v) for k, v in raw.items()}  # an empty section: its defaults
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: write overrides as key=value, e.g. model.depth=56")
+        if key.strip() in given:
+            raise ConfigError(f"{key.strip()} is given twice on the command line ({given[key.strip()]!r} and "
+                              f"{item!r}); give each key once")
+        given[key.strip()] = item
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
@@ -369,6 +400,46 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(explain(e)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: {key} is given twice in one section "
+                                  f"(first on line {seen[key] + 1}); give each key once")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file's sections; every way a file can be wrong is a ConfigError in one line naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is YAML text "
+                          "like ray_config.yaml") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+        raise ConfigError(f"{path}: {where}not valid YAML ({what})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a config names its sections (run, data, model, ...), "
+                          "e.g. a copy of ray_config.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
 
 
 def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
@@ -394,7 +465,8 @@ def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {args.config}: {e}".replace("\n", f"\nerror: {args.config}: "), file=sys.stderr)
+        where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "  # a file's error names it
+        print(f"error: {where}{e}".replace("\n", f"\nerror: {where}"), file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(cfg.to_yaml(), end="")

@@ -88,10 +88,17 @@ class ShardSource(Datasource):
 
 
 def _read_row_groups(fs, path: str, groups: list[int], columns: list[str] | None):
+    """The row groups as tables. The shard writer stores a CRC with every Parquet page and this
+    read checks it: a damaged shard (the same size, other bytes) stops the run naming the shard and
+    row group, rather than training on wrong pixels. Shards written without CRCs read as before."""
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
         for g in groups:
-            yield pf.read_row_group(g, columns=columns)
+            try:
+                yield pf.read_row_group(g, columns=columns)
+            except OSError as e:
+                raise ShardError(f"{path}: row group {g} of {pf.num_row_groups} is damaged ({e}); "
+                                 "rewrite the shards (python -m pipelines.shards)") from None
 
 
 def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed: int | None = None,
@@ -362,7 +369,7 @@ def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: 
         batch_size=batch_size, collate_fn=Collate(pin), drop_last=train,
         prefetch_batches=data.prefetch_batches,
         local_shuffle_buffer_size=data.shuffle_buffer if train and data.shuffle_buffer else None,
-        local_shuffle_seed=(seed * 100_003 + epoch) if train else None)
+        local_shuffle_seed=(seed * 100_003 + epoch) % 2**32 if train else None)  # numpy takes 32 bits
 
 
 @functools.lru_cache(maxsize=8)

@@ -373,7 +373,8 @@ def _write_shard(out: str, split: str, index: int, items: list[Item], root: str 
     n = len(rows["key"])
     table, rows = pa.table(rows, schema=SCHEMA), None  # one copy of the images at a time
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="none", row_group_size=256)  # JPEGs do not compress
+    # JPEGs do not compress; a CRC per page lets every read find flipped bytes (pipelines.data)
+    pq.write_table(table, sink, compression="none", row_group_size=256, write_page_checksum=True)
     del table
     blob = sink.getvalue()  # an Arrow buffer: hashed and written without another copy
     name = f"{split}/part-{index:05d}.parquet"
@@ -437,7 +438,7 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
             metas[s][i] = _write_shard(str(out), s, i, shards[s][i], source.root, class_ids, opts)
             bar.advance(len(shards[s][i]))
     else:  # one task per shard: each carries only its own items
-        pool = ProcessPoolExecutor(workers)
+        pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
         try:
             futures = {pool.submit(_write_shard, str(out), s, i, shards[s][i], source.root,
                                    class_ids, opts): (s, i) for s, i in todo}
@@ -461,6 +462,17 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     manifest_summary(manifest, time.perf_counter() - t0, progress)
     return manifest
+
+
+def _die_with_parent() -> None:
+    """A pool worker ends when the writer does, also when the writer is killed (SIGKILL runs no
+    cleanup); Linux's PR_SET_PDEATHSIG. Elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _describe(source: Source) -> dict:

@@ -30,7 +30,7 @@ from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
 from pipelines.runtime import check_cluster, start_ray
-from pipelines.shards import ShardError, load_manifest
+from pipelines.shards import ShardError, check_shards, load_manifest
 from pipelines.tracking import (EpochLog, Gauges, ensure_experiment, flat_params, log_models, mlflow_client,
                                 open_run, quiet_mlflow, ui_command)
 from resnet_models import build_model, model_stats
@@ -227,6 +227,8 @@ def preflight(cfg: Config) -> dict:
     try:
         directory = shards_dir(cfg.data)
         manifest = load_manifest(directory)
+        for split in ("train", "val"):  # every shard there and whole: found now, not after Ray starts
+            check_shards(directory, split, verify="size")
     except ShardError as e:
         raise ConfigError(f"data.shards: {e}") from None
     classes = len(manifest["classes"])

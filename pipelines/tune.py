@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import sys
 import tempfile
 import time
@@ -51,8 +52,9 @@ def trial_config(base: Config, params: dict, trial_id: str) -> Config:
     raw = base.model_dump(mode="json", exclude={"tune"})
     for key, value in params.items():
         set_trial_value(raw, key, value)
-    name = label(params, varying(base))
-    raw["run"]["name"] = f"{trial_id}-{name}" if name else trial_id
+    # one folder name (config.SAFE_NAME): "milestones=[3, 6]" becomes "milestones=3,6"
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", re.sub(r"[\[\] ]", "", label(params, varying(base))))
+    raw["run"]["name"] = (f"{trial_id}-{name}" if name else trial_id)[:200]
     raw["checkpoint"]["storage_path"] = sweep_dir(base)
     return Config.model_validate({**raw, "tune": {"space": {}}})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IMAGENET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
                    50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
@@ -35,7 +35,7 @@ class ModelSpecError(ValueError):
 class ModelConfig(BaseModel):
     """One ResNet or plain net. Unset choices (None / "auto") take the family's paper default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     family: Literal["cifar", "imagenet"] = "cifar"
     depth: int = 20
@@ -46,10 +46,10 @@ class ModelConfig(BaseModel):
     shortcut_variant: Literal[SHORTCUT_VARIANTS] = "identity"
     bottleneck_stride: Literal["3x3", "1x1"] = "3x3"  # 3x3: torchvision "v1.5"; 1x1: the paper, "v1"
     zero_init_residual: bool = False      # the branch's last BN (gamma) or, pre-activation, conv starts at 0
-    shortcut_scale: float = 0.5           # constant_scaling: shortcut multiplier
-    residual_scale: float = 0.5           # constant_scaling: branch multiplier (the paper: 0.5 or 1)
-    gate_bias: float = -6.0               # gating variants: initial bias of the 1x1 gate conv
-    shortcut_dropout: float = 0.5         # dropout variant: drop probability on the shortcut
+    shortcut_scale: float = Field(0.5, gt=0)   # constant_scaling: shortcut multiplier
+    residual_scale: float = Field(0.5, gt=0)   # constant_scaling: branch multiplier (the paper: 0.5 or 1)
+    gate_bias: float = -6.0                    # gating variants: initial bias of the 1x1 gate conv
+    shortcut_dropout: float = Field(0.5, ge=0, lt=1)  # dropout variant: drop probability on the shortcut
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

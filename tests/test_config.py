@@ -35,6 +35,58 @@ def test_gpu_settings_resolve_from_the_workers_devices():
         == "reduce-overhead"
 
 
+# Each input a skeptical user tried that was once accepted, crashed or blamed another key.
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=inf"], "optim.lr=inf: Input should be a finite number"),
+    (["optim.lr=.inf"], "optim.lr=inf: Input should be a finite number"),
+    (["optim.lr=1.0e+300"], "optim.lr=1e+300: Input should be less than or equal to 100"),
+    (["optim.weight_decay=inf"], "optim.weight_decay=inf: Input should be a finite number"),
+    (["schedule.warmup_epochs=inf"], "schedule.warmup_epochs=inf: Input should be a finite number"),
+    (["schedule.warmup_epochs=20"], "schedule.warmup_epochs=20: at most schedule.epochs=10"),
+    (["scaling.cpus_per_worker=inf"], "scaling.cpus_per_worker=inf: Input should be a finite number"),
+    (["data.mean=[nan, 0.456, 0.406]"], "data.mean.0=nan: Input should be a finite number"),
+    (["data.std=[inf, 0.224, 0.225]"], "data.std.0=inf: Input should be a finite number"),
+    (["model.shortcut_scale=nan"], "model.shortcut_scale=nan: Input should be a finite number"),
+    (["model.gate_bias=inf"], "model.gate_bias=inf: Input should be a finite number"),
+    (["model.residual_scale=-5"], "model.residual_scale=-5: Input should be greater than 0"),
+    (["schedule.epochs=1.0e+30"], "schedule.epochs=1e+30: Unable to parse input string as an integer"),
+    (["schedule.epochs=200000"], "schedule.epochs=200000: Input should be less than or equal to 100000"),
+    (["run.seed=-1"], "run.seed=-1: Input should be greater than or equal to 0"),
+    ([f"run.seed={2**70}"], f"run.seed={2**70}: Input should be less than or equal to 4294967295"),
+    (["run.name=../../../../tmp/escape"], "run.name=../../../../tmp/escape: one folder name"),
+    (["run.name=a/b"], "run.name=a/b: one folder name"),
+    (["tune.name=.hidden"], "tune.name=.hidden: one folder name"),
+    (["checkpoint.storage_path="], "checkpoint.storage_path=: a local path or an s3:// / gs:// URI"),
+    (["data.batch_size=3"], "data.batch_size=3: the global batch is split evenly over scaling.num_workers=2"),
+    (["data.batch_size=true"], "data.batch_size=True: a number, not true"),
+    (["data.batch_size=2**70"], "data.batch_size=2**70: Input should be a valid integer"),
+    (["run.name=a", "run.name=b"], "run.name is given twice on the command line"),
+])
+def test_a_value_the_config_cannot_mean_is_refused_in_one_line_naming_it(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty"),
+    (b"# only a comment\n", "the file is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text file (byte 0 is not UTF-8)"),
+    (b"run:\n  name: [a\n", "line 3, column 1: not valid YAML"),
+    (b"run:\n  name: a\n  seed: 1\n  name: b\n", "line 4: name is given twice in one section (first on line 2)"),
+    (b"run:\n  seed: 1\nrun:\n  seed: 2\n", "line 3: run is given twice in one section (first on line 1)"),
+])
+def test_a_config_file_that_cannot_be_read_as_one_is_refused_in_one_line(tmp_path, capsys, content, message):
+    from pipelines.config import parse_cli
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as done:
+        parse_cli(["--config", str(path), "--print-config"], "test")
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1 and err.count(str(path)) == 1
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(CONFIG, ["model.depth=56", "optim.lr=0.05", "model.residual=false",
                                "schedule.milestones=[3, 6]", "tune.space.model.depth=[20, 44]",

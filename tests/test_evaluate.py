@@ -103,9 +103,16 @@ def test_a_run_directory_gives_its_checkpoint_with_the_lowest_validation_error(t
     fake_checkpoint(tmp_path / "run" / "checkpoint_2026-01-01_00-00-01.000000", 0.30, seed=0)
     best = fake_checkpoint(tmp_path / "run" / "checkpoint_2026-01-01_00-00-02.000000", 0.10, seed=1)
     fake_checkpoint(tmp_path / "run" / "checkpoint_2026-01-01_00-00-03.000000", 0.20, seed=2)
+    # what a write cut short leaves (storage full, a node lost): skipped, and said which
+    (tmp_path / "run" / "checkpoint_2026-01-01_00-00-04.000000").mkdir()
+    (tmp_path / "run" / "checkpoint_2026-01-01_00-00-04.000000" / "state.pt").write_bytes(b"")
+    (tmp_path / "run" / "checkpoint_2026-01-01_00-00-05.000000").mkdir()
     model, trained, source = model_from_checkpoint(str(tmp_path / "run"))
     assert "checkpoint_2026-01-01_00-00-02.000000" in source
-    assert "picked checkpoint_2026-01-01_00-00-02.000000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "picked checkpoint_2026-01-01_00-00-02.000000" in out and "the lowest of 3 checkpoints" in out
+    assert "skipped 2 unreadable checkpoint(s): checkpoint_2026-01-01_00-00-04.000000 (not a checkpoint" in out
+    assert "checkpoint_2026-01-01_00-00-05.000000 (not a checkpoint" in out
     torch.testing.assert_close(model.fc.weight, best.fc.weight)
     assert trained["model"]["depth"] == 8
     # A checkpoint directory itself is taken as it is.

@@ -341,3 +341,63 @@ def test_a_split_that_cannot_be_stratified_says_why(tmp_path):
     root = class_folders(tmp_path / "folder", {"a": 1, "b": 3})
     with pytest.raises(ShardError, match="smallest class: 1"):
         S.scan_folder(root, 0.5, 0)
+
+
+def test_flipped_bytes_in_a_shard_stop_the_read_naming_the_shard_and_row_group(tmp_path):
+    """The same size, 32 bytes flipped in the middle: the size check passes, the pages' CRCs do not."""
+    import pyarrow.fs
+    from pipelines.data import _read_row_groups
+    out = tmp_path / "shards"
+    write_shards(S.load_digits_source(32, 0), out, Options(rows_per_shard=512), progress=None)
+    entry = load_manifest(str(out))["splits"]["train"]["shards"][0]
+    path = out / entry["file"]
+    fs = pyarrow.fs.LocalFileSystem()
+    groups = list(range(pq.ParquetFile(path).num_row_groups))
+    assert sum(len(t) for t in _read_row_groups(fs, str(path), groups, None)) == entry["rows"]  # whole: reads
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 32] = bytes(b ^ 0xFF for b in data[middle:middle + 32])
+    path.write_bytes(bytes(data))
+    check_shards(str(out), "train", verify="size")  # the same size: only the read can tell
+    with pytest.raises(ShardError, match=rf"{path}: row group \d of {len(groups)} is damaged .*CRC"):
+        list(_read_row_groups(fs, str(path), groups, None))
+
+
+def test_a_killed_writer_takes_its_pool_workers_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import ROOT
+
+    def children(pid: int) -> set[int]:
+        found = set()
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    writer = subprocess.Popen([sys.executable, "-m", "pipelines.shards", "--source", "digits", "--image-size", "512",
+                               "--rows-per-shard", "8", "--workers", "2", "--out", str(tmp_path / "out")],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(workers := children(writer.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool never started"
+        time.sleep(1)  # writing shards now
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        deadline = time.time() + 10
+        while (alive := {p for p in workers if os.path.exists(f"/proc/{p}")
+                         and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}) \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"pool workers {alive} outlived the killed writer"
+    finally:
+        writer.kill()

@@ -226,6 +226,18 @@ def test_the_cli_reports_a_mistake_in_one_line_without_a_traceback(run_cli, tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: data.num_classes=7:" in out.stderr and "lists 10 classes" in out.stderr
 
+    # A truncated shard is refused before Ray starts: one line naming it and both sizes.
+    from pipelines.shards import Options, load_digits_source, load_manifest, write_shards
+    shards = tmp_path / "shards"
+    write_shards(load_digits_source(32, 0), shards, Options(rows_per_shard=512), progress=None)
+    entry = load_manifest(str(shards))["splits"]["train"]["shards"][1]
+    path = shards / entry["file"]
+    path.write_bytes(path.read_bytes()[:1000])
+    out = run_cli("pipelines.train", "--config", str(CONFIG), f"data.shards={shards}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Ray:" not in out.stdout
+    assert out.stderr.strip() == (f"error: data.shards: {path}: 1,000 bytes, the manifest records "
+                                  f"{entry['bytes']:,} (truncated or replaced); rewrite the shards")
+
 
 def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_path):
     """`ray start --head`, then `ray job submit --working-dir .`: data, checkpoints and MLflow stay
