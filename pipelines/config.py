@@ -380,15 +380,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if path is not None:
         raw = read_yaml(path)
         raw = {k: ({} if v is None else v) for k, v in raw.items()}  # an empty section: its defaults
-    given: dict[str, str] = {}
-    for item in overrides:
+    for item in overrides:  # in order: a later one wins (an entry point's preset, then the command line)
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: write overrides as key=value, e.g. model.depth=56")
-        if key.strip() in given:
-            raise ConfigError(f"{key.strip()} is given twice on the command line ({given[key.strip()]!r} and "
-                              f"{item!r}); give each key once")
-        given[key.strip()] = item
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
@@ -459,6 +454,13 @@ def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
     if args.verbose:
         args.overrides.append("run.verbose=true")
     try:
+        given: dict[str, str] = {}
+        for item in args.overrides:  # the same key twice on one command line is a slip, not a choice
+            key = item.partition("=")[0].strip()
+            if key in given:
+                raise ConfigError(f"{key} is given twice on the command line ({given[key]!r} and {item!r}); "
+                                  "give each key once")
+            given[key] = item
         if preset:  # the file's own tune.space may not suit the family the command line picks
             cfg = load_config(args.config, [*preset(load_config(args.config, ["tune.space={}", *args.overrides])),
                                             *args.overrides])

@@ -213,6 +213,14 @@ def decode(data: bytes, min_side: int | None = None) -> torch.Tensor:
         return TF.pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def undecodable(data: DataSection, key: str, error: Exception) -> None:
+    """A row that cannot be decoded: stop the run naming it (data.bad_records=fail), or log it."""
+    if data.bad_records == "fail":
+        raise ShardError(f"{key}: cannot decode ({type(error).__name__}: {error}); "
+                         "set data.bad_records=skip to skip such records") from error
+    log.warning("skipping %s: cannot decode (%s: %s)", key, type(error).__name__, error)
+
+
 class DecodeAugment:
     """map_batches over whole read blocks (row groups): encoded rows -> decode_batch rows at a time
     of {"image": uint8 N x H x W x 3, "label", "key"}.
@@ -243,10 +251,7 @@ class DecodeAugment:
                 images.append(self.transform(decode(data, self.min_side)).permute(1, 2, 0))
                 labels.append(label)
             except Exception as e:
-                if self.data.bad_records == "fail":
-                    raise ShardError(f"{key}: cannot decode ({type(e).__name__}: {e}); "
-                                     "set data.bad_records=skip to skip such records") from e
-                log.warning("skipping %s: cannot decode (%s: %s)", key, type(e).__name__, e)
+                undecodable(self.data, key, e)
                 images.append(None)
                 labels.append(-1)
         c = self.data.crop_size

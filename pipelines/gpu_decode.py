@@ -1,5 +1,5 @@
 """Decoding and augmenting on the training device (data.decode=gpu): encoded JPEG bytes in, a
-normalised batch out. No Ray here; tests run it with the CPU as the device.
+normalised batch out. No Ray calls here; tests run it with the CPU as the device.
 
     augment = BatchAugment(cfg.data, train=True, device=device, rng=np.random.default_rng(...))
     x, y, skipped = augment(batch)     # batch: {"image": [bytes, ...], "label": int64 tensor, "key": [...]}
@@ -18,7 +18,6 @@ transforms as a few batched operations, not a loop of kernels per image:
 """
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 
 import numpy as np
@@ -28,10 +27,7 @@ from torchvision.ops import roi_align
 
 from pipelines.codecs import JPEG_MAGIC, decode_jpegs
 from pipelines.config import DataSection
-from pipelines.data import decode, lighting
-from pipelines.shards import ShardError
-
-log = logging.getLogger(__name__)
+from pipelines.data import decode, lighting, undecodable
 
 RRC_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect-ratio range
 
@@ -204,10 +200,7 @@ class BatchAugment:
                 images.append(self.decode_one(data))
                 keep.append(i)
             except Exception as e:
-                if self.data.bad_records == "fail":
-                    raise ShardError(f"{key}: cannot decode ({type(e).__name__}: {e}); "
-                                     "set data.bad_records=skip to skip such records") from e
-                log.warning("skipping %s: cannot decode (%s: %s)", key, type(e).__name__, e)
+                undecodable(self.data, key, e)
                 images.append(None)
         return images, keep
 

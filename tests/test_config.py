@@ -60,12 +60,22 @@ def test_gpu_settings_resolve_from_the_workers_devices():
     (["data.batch_size=3"], "data.batch_size=3: the global batch is split evenly over scaling.num_workers=2"),
     (["data.batch_size=true"], "data.batch_size=True: a number, not true"),
     (["data.batch_size=2**70"], "data.batch_size=2**70: Input should be a valid integer"),
-    (["run.name=a", "run.name=b"], "run.name is given twice on the command line"),
 ])
 def test_a_value_the_config_cannot_mean_is_refused_in_one_line_naming_it(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG, overrides)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(capsys):
+    from pipelines.config import parse_cli
+    with pytest.raises(SystemExit) as done:
+        parse_cli(["--config", str(CONFIG), "run.name=a", "model.depth=32", "run.name=b", "--print-config"], "test")
+    assert done.value.code == 2
+    assert capsys.readouterr().err == (f"error: {CONFIG}: run.name is given twice on the command line ('run.name=a' "
+                                       "and 'run.name=b'); give each key once\n")
+    # an entry point's preset and the command line may set one key: the command line wins
+    assert load_config(CONFIG, ["run.name=a", "run.name=b"]).run.name == "b"
 
 
 @pytest.mark.parametrize("content, message", [
