@@ -41,8 +41,8 @@ class _Failed(NamedTuple):
 def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | None], device: torch.device,
                    ahead: int = 2):
     """prepare(batch) for each host batch, up to ahead batches in advance (0: in this thread, one
-    at a time). A batch prepare returns None for (nothing usable in it) is left out. Errors in
-    the thread are raised here, in the consumer's thread."""
+    at a time). A batch for which prepare returns None is left out. An error in the thread is
+    raised here, in the consumer's thread."""
     if ahead <= 0:
         for batch in batches:
             if (out := prepare(batch)) is not None:
