@@ -102,12 +102,17 @@ def synthetic_rate(step: Step, batch: int, size: int, classes: int, steps: int, 
     return timed(lambda i: step(x, y), step.device, batch, steps, warmup)
 
 
-def bench_config(shards: Path, a, decode: str, *more: str):
-    """The product's config for these shards: ImageNet-style input, RandomResizedCrop(224) + flip."""
-    return load_config(ROOT / "ray_config.yaml", [
-        f"data.shards={shards}", "data.train_transform=rrc", f"data.crop_size={a.size}", f"data.val_resize={a.size * 8 // 7}",
-        "data.flip=true", f"data.batch_size={a.batch}", f"data.shuffle_buffer={max(2048, 2 * a.batch)}", "scaling.num_workers=1",
-        f"data.decode={decode}", "data.prefetch_batches=2", *more])
+def input_overrides(shards: Path, a) -> list[str]:
+    """ImageNet-style input from these shards, one worker: RandomResizedCrop(224) + flip, validation
+    at 256 then the centre 224 (rows 2-4 alike)."""
+    return [f"data.shards={shards}", "data.train_transform=rrc", f"data.crop_size={a.size}",
+            f"data.val_resize={a.size * 8 // 7}", "data.flip=true", f"data.batch_size={a.batch}",
+            f"data.shuffle_buffer={max(2048, 2 * a.batch)}", "scaling.num_workers=1"]
+
+
+def bench_config(shards: Path, a, decode: str):
+    """The product's config for these shards, decoding on the CPUs (cpu) or the device (gpu)."""
+    return load_config(ROOT / "ray_config.yaml", [*input_overrides(shards, a), f"data.decode={decode}"])
 
 
 def feed_batches(cfg, device, channels_last: bool):
@@ -142,10 +147,8 @@ def product_rate(shards: Path, a, home: Path, device) -> tuple[float, str]:
     """python -m pipelines.train on the shards; (images/s of its last epoch, its table)."""
     gpu = device.type == "cuda"
     overrides = [
-        "model.family=imagenet", f"model.depth={a.depth}", f"data.shards={shards}", "data.train_transform=rrc",
-        f"data.crop_size={a.size}", f"data.val_resize={a.size * 8 // 7}", "data.flip=true", "data.decode=auto",
-        f"data.batch_size={a.batch}", f"data.shuffle_buffer={max(2048, 2 * a.batch)}", "optim.lr_batch=256",
-        f"schedule.epochs={a.epochs}", "schedule.milestones=[]", "scaling.num_workers=1",
+        *input_overrides(shards, a), "data.decode=auto", "model.family=imagenet", f"model.depth={a.depth}",
+        "optim.lr_batch=256", f"schedule.epochs={a.epochs}", "schedule.milestones=[]",
         f"scaling.gpus_per_worker={1 if gpu else 0}", f"scaling.cpus_per_worker={a.train_cpus}",
         f"scaling.compile={'off' if a.no_compile else 'auto'}",
         "tune.space={}", "run.name=gpu-throughput", "run.progress_s=0", f"checkpoint.storage_path={home / 'runs'}"]
