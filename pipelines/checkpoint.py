@@ -1,6 +1,8 @@
 """The checkpoint format, once: what a training run writes each epoch, how it is read back.
 
-A checkpoint is a directory (Ray Train copies it under <storage_path>/<run.name>/checkpoint_*):
+A checkpoint is a directory, <storage_path>/<run.name>/checkpoint_<epoch>_<attempt> (Ray Train
+copies it there; the attempt is when the worker group started, so a failed attempt's copy of an
+epoch never mixes with the next attempt's):
     state.pt     rank 0: FORMAT, weights, optimizer and grad-scaler state, epoch, step, the
                  warm-up flag, every epoch's metrics (history), the MLflow run id, the model's
                  name and classes, and the config it trained with (a dict)
@@ -14,7 +16,12 @@ read_text / save_text, on a local path or an s3:// / gs:// URI.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pyarrow.fs
@@ -33,14 +40,74 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: names the file and what is wrong with it."""
 
 
+class StorageFull(RuntimeError):
+    """No space left where a checkpoint goes: says where, and that the same command resumes."""
+
+
+def checkpoint_name(epoch: int, attempt: str) -> str:
+    return f"checkpoint_{epoch:06d}_{attempt}"
+
+
+NAMED = re.compile(r"checkpoint_(\d{6})_")  # checkpoint_name's, and the epoch in it
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state: what its checkpoint file will take, nearly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_space(uri: str, need: int) -> None:
+    """Refuse to train an epoch whose checkpoint cannot be written: a local (or mounted) storage
+    path with less than `need` bytes free. Object storage has no such limit to check."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        while not Path(path).exists():  # not made yet: the filesystem it will be made on
+            path = str(Path(path).parent)
+        free = shutil.disk_usage(path).free
+        if free < need:
+            raise StorageFull(f"storage full at {path}: {free / 1e6:.1f} MB free, a checkpoint takes "
+                              f"{need / 1e6:.1f} MB; free space there and run the same command to resume "
+                              "from the last checkpoint")
+
+
+@contextlib.contextmanager
+def storage_full_at(where: str, partial: str | None = None):
+    """A full disk inside the block becomes StorageFull naming `where`, after removing the partial
+    checkpoint directory where/partial (nothing later finds half a checkpoint)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if partial:
+            remove_checkpoints(where, [partial])
+        raise StorageFull(f"storage full at {where}: the checkpoint was not written (nothing of it is left); "
+                          "free space there and run the same command to resume from the last checkpoint") from None
+
+
 def save(directory: str, rank: int, rng: dict, state: dict | None = None) -> None:
     """Write rank's random streams into directory, and state.pt when given (rank 0)."""
-    torch.save(rng, f"{directory}/rng-{rank}.pt")
+    _save(rng, f"{directory}/rng-{rank}.pt")
     if state is not None:
         missing = [k for k in STATE_KEYS if k != "format" and k not in state]
         if missing:
             raise ValueError(f"state.pt: missing {', '.join(missing)}")  # a bug in the caller, not the user
-        torch.save({"format": FORMAT, **state}, f"{directory}/state.pt")
+        _save({"format": FORMAT, **state}, f"{directory}/state.pt")
+
+
+def _save(obj, path: str) -> None:
+    """torch.save through memory: on a full disk torch.save's own writer fails with an internal
+    assertion, a plain write with OSError(ENOSPC), which storage_full_at recognises."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def load_state(where, need: tuple[str, ...] = MODEL_KEYS) -> dict:
@@ -150,6 +217,25 @@ def read_text(uri: str, name: str) -> str | None:
             return f.read().decode()
     except (FileNotFoundError, OSError):
         return None
+
+
+def remove_checkpoints(uri: str, names: list[str]) -> None:
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    for name in names:
+        try:
+            fs.delete_dir(f"{path}/{name}")
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def discarded_checkpoints(uri: str, epoch: int, kept: str) -> list[str]:
+    """The checkpoint directories of epoch `epoch` or later besides `kept`, which Ray Train has just
+    registered for that epoch: copies from an attempt a failure discarded (a worker lost after
+    writing its checkpoint but before Ray Train registered it), which nothing resumes from."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name != kept
+            and (m := NAMED.match(i.base_name)) and int(m.group(1)) >= epoch]
 
 
 def has_checkpoints(uri: str) -> bool:

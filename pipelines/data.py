@@ -21,6 +21,7 @@ import os
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -58,7 +59,8 @@ class ShardSource(Datasource):
     FileShuffleConfig uses).
     """
 
-    def __init__(self, shards: list[tuple[str, int, list[int]]], fs, columns: list[str] | None, seed: int | None):
+    def __init__(self, shards: list[tuple[str, int, list[int]]], fs, columns: list[str] | None, seed: int | None,
+                 skip_damaged: bool = False):
         self.units = []  # (path, row groups, rows): consecutive row groups of a shard, up to ROWS_PER_TASK rows
         for path, _, groups in shards:
             start, rows = 0, 0
@@ -67,7 +69,7 @@ class ShardSource(Datasource):
                 if rows >= ROWS_PER_TASK or i == len(groups) - 1:
                     self.units.append((path, list(range(start, i + 1)), rows))
                     start, rows = i + 1, 0
-        self.fs, self.columns, self.seed = fs, columns, seed
+        self.fs, self.columns, self.seed, self.skip_damaged = fs, columns, seed, skip_damaged
         self.bytes, self.rows = sum(size for _, size, _ in shards), sum(n for _, _, n in self.units)
 
     def estimate_inmemory_data_size(self) -> int:
@@ -82,27 +84,48 @@ class ShardSource(Datasource):
             path, groups, n = self.units[k]
             meta = BlockMetadata(num_rows=n, size_bytes=self.bytes * n // max(self.rows, 1), input_files=[path],
                                  exec_stats=None)
-            tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, path, groups, self.columns), meta,
+            tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, path, groups, self.columns,
+                                                    self.skip_damaged), meta,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def _read_row_groups(fs, path: str, groups: list[int], columns: list[str] | None):
+def _read_row_groups(fs, path: str, groups: list[int], columns: list[str] | None, skip_damaged: bool = False):
     """The row groups as tables. The shard writer stores a CRC with every Parquet page and this
-    read checks it: a damaged shard (the same size, other bytes) stops the run naming the shard and
-    row group, rather than training on wrong pixels. Shards written without CRCs read as before."""
+    read checks it: a damaged shard (the same size, other bytes) never trains as wrong pixels. It
+    stops the run naming the shard and row group; with skip_damaged (data.bad_records=skip) the row
+    group's rows come as rows of no image instead, which the decode skips and counts like any
+    undecodable row. Shards written without CRCs read as before."""
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, page_checksum_verification=True)
         for g in groups:
             try:
                 yield pf.read_row_group(g, columns=columns)
             except OSError as e:
-                raise ShardError(f"{path}: row group {g} of {pf.num_row_groups} is damaged ({e}); "
-                                 "rewrite the shards (python -m pipelines.shards)") from None
+                damaged = f"{path}: row group {g} of {pf.num_row_groups} is damaged ({e})"
+                if not skip_damaged:
+                    raise ShardError(f"{damaged}; rewrite the shards (python -m pipelines.shards), or set "
+                                     "data.bad_records=skip to skip its rows") from None
+                n = pf.metadata.row_group(g).num_rows
+                log.warning("%s: its %d rows are skipped (data.bad_records=skip)", damaged, n)
+                yield _rows_of_no_image(pf.schema_arrow, columns, n, f"{path} row group {g}")
+
+
+def _rows_of_no_image(schema, columns: list[str] | None, n: int, where: str):
+    """n rows with empty image bytes (undecodable), keyed by where and row, -1 in number columns."""
+    def column(name: str):
+        kind = schema.field(name).type
+        if name == "image":
+            return pa.array([b""] * n, kind)
+        if name == "key":
+            return pa.array([f"{where} row {i}" for i in range(n)], kind)
+        return pa.array([-1] * n, kind)
+    names = columns or schema.names
+    return pa.table([column(name) for name in names], names=names)
 
 
 def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed: int | None = None,
-                columns: list[str] | None = None):
+                columns: list[str] | None = None, skip_damaged: bool = False):
     """The split as a streaming Ray Dataset (columns image, label, class_id, key, height, width, or
     those given).
 
@@ -112,7 +135,7 @@ def read_shards(shards_dir: str, split: str, verify: str = "size", shuffle_seed:
     import ray.data
     shards = check_shards(shards_dir, split, verify)
     fs, _ = fs_and_path(shards_dir)
-    source = ShardSource(shards, fs, columns, shuffle_seed)
+    source = ShardSource(shards, fs, columns, shuffle_seed, skip_damaged)
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.units)))
 
 
@@ -291,7 +314,8 @@ def build_datasets(data: DataSection, seed: int, encoded: bool = False):
     manifest = load_manifest(directory)
     datasets = []
     for split, train in (("train", True), ("val", False)):
-        ds = read_shards(directory, split, shuffle_seed=seed if train else None, columns=["image", "label", "key"])
+        ds = read_shards(directory, split, shuffle_seed=seed if train else None, columns=["image", "label", "key"],
+                         skip_damaged=data.bad_records == "skip")
         if not encoded:
             ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
             # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit

@@ -230,7 +230,7 @@ def evaluate_split(model: nn.Module, cfg: Config, views: Views, max_batch: int) 
     sc = cfg.scaling
     # Blocks of decode_batch rows, streamed: a shard is one block as read, and a small split (the
     # digits' 360 images are one shard) would otherwise go to one actor, however many there are.
-    ds = read_shards(directory, "val").select_columns(["image", "label", "key"])
+    ds = read_shards(directory, "val", columns=["image", "label", "key"], skip_damaged=cfg.data.bad_records == "skip")
     ds = ds.repartition(target_num_rows_per_block=cfg.data.decode_batch)
     ds = ds.map_batches(Decode(cfg.data, views), batch_size=cfg.data.decode_batch, num_cpus=1)
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model, "cfg": cfg, "views": views,

@@ -43,3 +43,10 @@ def execution_count(data_context) -> int:
     epoch): the per-epoch input to a file order shuffled anew each epoch. Ray's own
     FileShuffleConfig reads the same private counter; there is no public one."""
     return getattr(data_context, "_execution_idx", 0) if data_context is not None else 0
+
+
+def worker_exceptions(error) -> list[BaseException]:
+    """The exceptions a Ray Train worker group raised, as the workers raised them. Train V2's
+    WorkerGroupError maps each rank to a wrapper holding the original in a private attribute; a
+    StorageFull must be found among them to be said in one line."""
+    return [getattr(e, "_base_exc", e) for e in getattr(error, "worker_failures", {}).values()]

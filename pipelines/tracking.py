@@ -2,7 +2,7 @@
 
     uri = cfg.mlflow.resolved_uri(); experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
     run_id = open_run(cfg, uri, experiment_id, stats)     # a new run, or the one a resumed run had
-    EpochLog(uri, run_id).log(history)                    # rank 0, after each checkpoint: each epoch once
+    EpochLog(uri, run_id).log(history)                    # each epoch once (pipelines.train.LogEpochs)
     log_models(cfg, uri, final, best)                     # the driver, at the end: models and curves
     Gauges(run_name, rank).set(images_per_s=...)          # every worker: Ray's Prometheus endpoint
 
@@ -128,8 +128,8 @@ def ui_command(uri: str) -> str:
 
 
 class EpochLog:
-    """Rank 0's per-epoch metrics in the run's MLflow run (step = epoch), each epoch once: logged
-    after its checkpoint is written, and on a restart any checkpointed epoch the run lacks."""
+    """Per-epoch metrics in the run's MLflow run (step = epoch), each epoch once: rows of epochs the
+    run has logged already are passed over."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = mlflow_client(uri), run_id

@@ -5,7 +5,9 @@ Reads top to bottom:
       Ray Datasets -> TorchTrainer (workers, checkpoints, restarts) -> the best and final model into
       MLflow. main adds the closing summary.
   train_loop (each worker): build -> restore from the run's latest checkpoint -> epochs: train,
-      validate, checkpoint + ray.train.report; rank 0 logs to MLflow and sends the table row.
+      validate, checkpoint + ray.train.report; rank 0 sends the table row to the console.
+  LogEpochs (on Ray Train's controller, beside the driver): each epoch into MLflow once its
+      checkpoint is registered, so an attempt a failure discarded never reaches MLflow.
 
 The same run.name resumes: Ray Train finds the run's checkpoints under checkpoint.storage_path,
 the loop continues after the last finished epoch, and the MLflow run continues with it.
@@ -13,22 +15,28 @@ the loop continues after the last finished epoch, and the MLflow run continues w
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import yaml
+from ray.train import UserCallback
 from torch import nn
 
 from pipelines import checkpoint
-from pipelines.checkpoint import best_checkpoint, has_checkpoints, load_state, read_text, save_text
+from pipelines.checkpoint import (StorageFull, best_checkpoint, check_space, checkpoint_name, discarded_checkpoints,
+                                  has_checkpoints, load_state, read_text, remove_checkpoints, save_text,
+                                  storage_full_at, tensor_bytes)
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import Ingest, build_datasets, shards_dir
 from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
+from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, start_ray
 from pipelines.shards import ShardError, check_shards, load_manifest
 from pipelines.tracking import (EpochLog, Gauges, ensure_experiment, flat_params, log_models, mlflow_client,
@@ -54,6 +62,8 @@ class Job:
     scaler: torch.amp.GradScaler
     schedule: Schedule
     lighting: torch.Generator    # PCA colour noise, one stream per rank
+    attempt: str = ""            # when this worker group started: names its checkpoints
+    checkpoint_bytes: int = 0    # rank 0's last checkpoint, to check the storage has room for the next
     epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
@@ -169,12 +179,17 @@ def validate(job: Job, shard) -> dict:
 
 
 def save_and_report(job: Job, row: dict) -> None:
-    """Every worker writes its random streams, rank 0 the rest; Ray Train publishes the checkpoint
-    once all have reported."""
+    """Every worker writes its random streams, rank 0 the rest, into a local folder that
+    ray.train.report copies to the run's storage; Ray Train registers the checkpoint once all have
+    reported. A full disk (here or there) leaves no partial checkpoint behind, and says where."""
     import ray.train
+    name = checkpoint_name(job.epoch, job.attempt)
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(d, job.rank, checkpoint.rng_state(job.lighting), job.state() if job.rank == 0 else None)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+        with storage_full_at(tempfile.gettempdir()):
+            checkpoint.save(d, job.rank, checkpoint.rng_state(job.lighting), job.state() if job.rank == 0 else None)
+        job.checkpoint_bytes = sum(f.stat().st_size for f in os.scandir(d))
+        with storage_full_at(job.cfg.run_dir, partial=name):
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
 def train_loop(config: dict) -> None:
@@ -187,10 +202,8 @@ def train_loop(config: dict) -> None:
         restore(job, ckpt)
     say = WorkerConsole(config.get("console"), enabled=job.rank == 0)
     gauges = Gauges(cfg.run.name, job.rank)
-    tracker = EpochLog(config["mlflow_uri"], config["mlflow_run_id"]) if job.rank == 0 else None
-    if tracker:
-        tracker.log(job.history)  # epochs checkpointed before a failure but not yet logged
-    nodes = len(set(all_gather(ray.get_runtime_context().get_node_id())))
+    workers = all_gather((ray.get_runtime_context().get_node_id(), time.strftime("%Y-%m-%d_%H-%M-%S")))
+    nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
     say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
@@ -205,7 +218,10 @@ def train_loop(config: dict) -> None:
         return
     say.line(header())
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    job.checkpoint_bytes = tensor_bytes(job.state()) if job.rank == 0 else 0
     while job.epoch < cfg.schedule.epochs:
+        if job.rank == 0:  # a full disk found now, not after an epoch of training
+            check_space(cfg.run_dir, job.checkpoint_bytes)
         job.epoch += 1
         t0 = time.perf_counter()
         row, mine = train_epoch(job, train_shard, say)
@@ -213,9 +229,31 @@ def train_loop(config: dict) -> None:
         job.history.append(row)
         save_and_report(job, row)
         gauges.set(**mine, val_error=row["val_error"])
-        if tracker:
-            tracker.log(job.history)
-            say.line(table_row(row))
+        say.line(table_row(row))
+
+
+class LogEpochs(UserCallback):
+    """Each epoch's row into the run's MLflow run (step = epoch) once Ray Train has registered the
+    epoch's checkpoint: it runs on Ray Train's controller right after its checkpoint manager. A
+    worker lost after writing its checkpoint but before Ray registered it makes Ray retrain the
+    epoch; that first attempt is never logged, and its checkpoint is deleted here when the retrained
+    epoch is registered. A row MLflow does not take now is logged by fit at the end."""
+
+    def __init__(self, uri: str, run_id: str, run_dir: str):
+        self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if checkpoint is None:
+            return
+        row = metrics[0]
+        remove_checkpoints(self.run_dir, discarded_checkpoints(self.run_dir, row["epoch"],
+                                                               checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+        try:
+            self.log = self.log or EpochLog(self.uri, self.run_id)
+            self.log.log([row])
+        except Exception as e:  # a tracking server away for a moment must not stop the training
+            logging.getLogger(__name__).warning("MLflow did not take epoch %s (%s); it is logged at the end",
+                                                row["epoch"], e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +334,7 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
+    log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], cfg.run_dir)
     with Console(cfg.run.progress_s) if console is None else contextlib.nullcontext() as own:
         trainer = TorchTrainer(
             train_loop,
@@ -312,13 +351,14 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
                                                    checkpoint_score_order="min"),
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 logging_config=LoggingConfig(log_level="WARNING"),  # Train's per-report lines: its log files
-                callbacks=list(callbacks)),
+                callbacks=[log_epochs, *callbacks]),
             datasets={"train": train_ds, "val": val_ds},
             dataset_config=Ingest(cfg.data.deterministic))
         try:
-            result = trainer.fit()
+            result = storage_full_said(trainer.fit)
             if result.checkpoint is not None:
                 final = load_state(result.checkpoint)
+                EpochLog(info["mlflow_uri"], info["mlflow_run_id"]).log(final["history"])  # any LogEpochs missed
                 best = best_checkpoint(result)
                 log_models(cfg, info["mlflow_uri"], final, load_state(best[0]) if best else final)
         except BaseException:
@@ -329,6 +369,18 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
             raise
     client.set_terminated(info["mlflow_run_id"], "FINISHED")
     return result
+
+
+def storage_full_said(run):
+    """run(), with a worker's StorageFull as one line (SetupError) instead of Ray's report of every worker."""
+    from ray.train import TrainingFailedError
+    try:
+        return run()
+    except TrainingFailedError as e:
+        full = [w for w in worker_exceptions(e) if isinstance(w, StorageFull)]
+        if full:
+            raise SetupError(str(full[0])) from None
+        raise
 
 
 def closing_summary(cfg: Config, result, seconds: float) -> str:

@@ -188,6 +188,7 @@ def sweep(cfg: Config):
 
 
 def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict):
+    import ray.util
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -196,7 +197,10 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     directory = sweep_dir(cfg)
     parent = open_sweep_run(cfg, uri, experiment_id, directory)
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console), {"CPU": TRIAL_CPU})
+    # Each trial function on the driver's node, where MLflow is reached (a server there may listen on
+    # 127.0.0.1 only, as the local one for parallel trials does); its training workers go anywhere.
+    here = f"node:{ray.util.get_node_ip_address()}"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console), {"CPU": TRIAL_CPU, here: 0.001})
     space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
              **search_space(cfg)}
     max_t = max_epochs(cfg)

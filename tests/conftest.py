@@ -42,3 +42,23 @@ def ray_session():
         init_local_ray(num_cpus=5, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a filesystem of its own, `small_disk(bytes)`, to fill up (a tmpfs: needs root)."""
+    import subprocess
+    mounted = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"cannot mount a small tmpfs to fill up here: {out.stderr.strip()}")
+        mounted.append(where)
+        return where
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -67,3 +67,36 @@ def test_another_format_or_a_missing_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"state.pt: not a checkpoint pipelines.train wrote \(no history\); give a "
                                           r"checkpoint_\* directory"):
         find_checkpoint(str(tmp_path))
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint_and_says_where(small_disk):
+    disk = small_disk(256 * 1024)
+    name = checkpoint.checkpoint_name(2, "2026-11-30_05-00-00")
+
+    def write():  # a checkpoint larger than the disk, written as Ray Train's upload would
+        (disk / name).mkdir()
+        checkpoint.save(str(disk / name), 0, {"torch": torch.zeros(1 << 20)})  # 4 MB
+
+    with pytest.raises(checkpoint.StorageFull) as e, checkpoint.storage_full_at(str(disk), partial=name):
+        write()
+    assert str(e.value).startswith(f"storage full at {disk}: the checkpoint was not written (nothing of it is left); ")
+    assert list(disk.iterdir()) == []
+    with pytest.raises(checkpoint.StorageFull, match=rf"^storage full at {disk}: 0\.3 MB free, a checkpoint takes 4\.4 MB"):
+        checkpoint.check_space(str(disk), checkpoint.tensor_bytes({"a": [torch.zeros(1 << 20)], "b": torch.ones(10)}) + 200_000)
+    checkpoint.check_space(str(disk), 100_000)  # room for it: nothing said
+    with pytest.raises(OSError), checkpoint.storage_full_at(str(disk)):  # any other error passes through
+        raise PermissionError(13, "Permission denied")
+
+
+def test_checkpoints_of_a_discarded_attempt_are_found_by_epoch(tmp_path):
+    for epoch, attempt in [(1, "a"), (2, "a"), (3, "a"), (2, "b")]:
+        (tmp_path / checkpoint.checkpoint_name(epoch, attempt)).mkdir()
+    (tmp_path / "checkpoint_2024-01-01_00-00-00.000000").mkdir()  # Ray's own naming: not ours to judge
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    kept = checkpoint.checkpoint_name(2, "b")
+    assert sorted(checkpoint.discarded_checkpoints(str(tmp_path), 2, kept)) == [
+        checkpoint.checkpoint_name(2, "a"), checkpoint.checkpoint_name(3, "a")]
+    checkpoint.remove_checkpoints(str(tmp_path), checkpoint.discarded_checkpoints(str(tmp_path), 2, kept))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_000001_a", "checkpoint_000002_b", "checkpoint_2024-01-01_00-00-00.000000",
+        "checkpoint_manager_snapshot.json"]

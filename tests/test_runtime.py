@@ -13,6 +13,11 @@ def test_the_ray_internals_we_depend_on_are_still_there():
     from ray.data.context import DataContext
     assert isinstance(ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, (int, float))
     assert isinstance(DataContext.get_current()._execution_idx, int)
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from pipelines.ray_internals import worker_exceptions
+    raised = ValueError("in the worker")
+    assert worker_exceptions(WorkerGroupError("", {0: UserExceptionWithTraceback(raised, "Traceback ...")})) == [raised]
 
 
 def test_importing_the_project_patches_nothing():

@@ -343,8 +343,9 @@ def test_a_split_that_cannot_be_stratified_says_why(tmp_path):
         S.scan_folder(root, 0.5, 0)
 
 
-def test_flipped_bytes_in_a_shard_stop_the_read_naming_the_shard_and_row_group(tmp_path):
-    """The same size, 32 bytes flipped in the middle: the size check passes, the pages' CRCs do not."""
+def test_flipped_bytes_in_a_shard_stop_the_read_naming_the_shard_and_row_group_or_skip_its_rows(tmp_path):
+    """The same size, 32 bytes flipped in the middle: the size check passes, the pages' CRCs do not.
+    With data.bad_records=skip the damaged row group's rows are skipped and counted, never decoded."""
     import pyarrow.fs
     from pipelines.data import _read_row_groups
     out = tmp_path / "shards"
@@ -359,8 +360,23 @@ def test_flipped_bytes_in_a_shard_stop_the_read_naming_the_shard_and_row_group(t
     data[middle:middle + 32] = bytes(b ^ 0xFF for b in data[middle:middle + 32])
     path.write_bytes(bytes(data))
     check_shards(str(out), "train", verify="size")  # the same size: only the read can tell
-    with pytest.raises(ShardError, match=rf"{path}: row group \d of {len(groups)} is damaged .*CRC"):
+    with pytest.raises(ShardError, match=rf"{path}: row group \d of {len(groups)} is damaged .*CRC.*; rewrite the "
+                                         r"shards \(python -m pipelines.shards\), or set data.bad_records=skip"):
         list(_read_row_groups(fs, str(path), groups, None))
+
+    from pipelines.config import DataSection
+    from pipelines.data import DecodeAugment
+    tables = list(_read_row_groups(fs, str(path), groups, ["image", "label", "key"], skip_damaged=True))
+    assert sum(len(t) for t in tables) == entry["rows"]
+    damaged = [g for g, t in zip(groups, tables) if t["key"][0].as_py().startswith(f"{path} row group")]
+    assert len(damaged) == 1 and tables[damaged[0]]["key"][1].as_py() == f"{path} row group {damaged[0]} row 1"
+    rows = tables[damaged[0]].to_pydict()
+    decoded = DecodeAugment(DataSection(crop_size=32), train=False).decode_rows(
+        {k: np.asarray(v, dtype=object) for k, v in rows.items()})
+    assert (decoded["label"] == -1).all()  # each one a placeholder the epoch counts as skipped
+    with pytest.raises(ShardError, match=f"{path} row group {damaged[0]} row 0: cannot decode"):
+        DecodeAugment(DataSection(crop_size=32, bad_records="fail"), train=False).decode_rows(
+            {k: np.asarray(v[:1], dtype=object) for k, v in rows.items()})
 
 
 def test_a_killed_writer_takes_its_pool_workers_with_it(tmp_path):

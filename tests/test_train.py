@@ -148,19 +148,31 @@ def test_bf16_channels_last_and_compile_train_as_fp32_does(tmp_path, amp, channe
         torch.testing.assert_close(state[k].float(), ref[k].float(), rtol=tol, atol=tol, msg=k)
 
 
-def train_worker_pids() -> list[int]:
+def ray_pids(name: bytes) -> list[int]:
+    """This test session's Ray actors of class NAME (command line ray::NAME ...), oldest first: the
+    session's Ray is started by this process, so they descend from it."""
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::" + name):
+                pid = int(proc.name)
+                while pid > 1 and pid != os.getpid():
+                    pid = parent(pid)
+                if pid == os.getpid():
+                    pids.append(int(proc.name))
         except OSError:
             pass
-    return pids
+    return sorted(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]))
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_epoch_once(
-        tmp_path, ray_session, run_cli):
+def test_a_worker_lost_before_its_checkpoint_counts_leaves_no_trace_of_that_attempt(tmp_path, ray_session, run_cli):
+    """Epoch 2 is trained and its checkpoint written, but a worker dies before Ray Train registers
+    it (its controller is held still meanwhile): Ray retrains epoch 2 from epoch 1's checkpoint.
+    MLflow must hold the retrained epoch's numbers, each epoch once, and the first attempt's
+    checkpoint must be gone."""
     import ray
     args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
             "run.progress_s=0.5"]
@@ -170,26 +182,63 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_mlflow_has_each_e
     proc = run_cli("pipelines.train", "--config", str(CONFIG), *args, env=env, wait=False)
     run_dir = tmp_path / "fault"
     deadline = time.time() + 240
+
+    def wait_for(what):
+        while not what():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+
     # Ray Train has registered epoch 1's checkpoint once its snapshot names it
-    while not (run_dir / "checkpoint_manager_snapshot.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    workers = train_worker_pids()
-    assert workers
-    os.kill(workers[-1], signal.SIGKILL)  # mid-epoch 2
+    wait_for(lambda: (run_dir / "checkpoint_manager_snapshot.json").exists())
+    controller = ray_pids(b"TrainController")[-1:]  # this job's: the newest
+    assert controller
+    os.kill(controller[0], signal.SIGSTOP)
+    try:  # epoch 2's checkpoint written by both workers, not registered
+        wait_for(lambda: any({"state.pt", "rng-0.pt", "rng-1.pt"} <= {f.name for f in d.iterdir()}
+                             for d in run_dir.glob("checkpoint_000002_*")))
+        time.sleep(1)
+        discarded = next(run_dir.glob("checkpoint_000002_*")).name
+        killed_at = time.time()
+        os.kill(ray_pids(b"RayTrainWorker")[-1], signal.SIGKILL)
+    finally:
+        os.kill(controller[0], signal.SIGCONT)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    # resumed from the last checkpoint: epoch 1's, or epoch 2's on a machine slow to deliver the kill
-    assert re.search(r"epochs [23]\.\.3 \(resumed\)", out), out[-3000:]
+    assert re.search(r"epochs 2\.\.3 \(resumed\)", out), out[-3000:]  # from epoch 1's checkpoint
     # the console: rank 0's lines and progress through the driver, none of Ray's own
     assert re.search(r"^  epoch \d: [\d,]+/\d[\d,]* images \(\d+%\), [\d,]+ img/s, data wait \d+%, ETA ", out, re.M), out
     assert re.search(r"^done: 3 epochs in .*\ncheckpoints: .*\nMLflow run \w+ in experiment ray-resnet; to see it: "
                      r"mlflow ui --backend-store-uri sqlite:///", out, re.M), out[-3000:]
     assert "Reporting training result" not in out and "pid=" not in out, out[-3000:]
-    final = load_state(next(iter(fit_result_checkpoints(run_dir))))
+
+    kept = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert discarded not in kept and len(kept) <= cfg.checkpoint.keep_best + 1, kept
+    final = load_state(run_dir / kept[-1])
+    assert [r["epoch"] for r in final["history"]] == [1, 2, 3]
     client, run = mlflow_run(cfg, final["mlflow_run_id"])
     assert epochs_logged(client, run.info.run_id) == [1, 2, 3]
-    assert [r["epoch"] for r in final["history"]] == [1, 2, 3]
+    epoch2 = next(m for m in client.get_metric_history(run.info.run_id, "val_error") if m.step == 2)
+    assert epoch2.timestamp > killed_at * 1000 and epoch2.value == final["history"][1]["val_error"]
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once_there_is_room(
+        tmp_path, ray_session, run_cli, small_disk):
+    import ray
+    disk = small_disk(1_000_000)  # room for one checkpoint of ResNet-8 (0.65 MB), not two
+    args = ["--config", str(CONFIG), *SMALL, "run.name=full", "schedule.epochs=2", "run.max_failures=0",
+            f"checkpoint.storage_path={disk}"]
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = run_cli("pipelines.train", *args, env=env, timeout=400)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.fullmatch(rf"error: storage full at {disk}/full: 0\.\d MB free, a checkpoint takes 0\.\d MB; free space "
+                        r"there and run the same command to resume from the last checkpoint\n", out.stderr), out.stderr
+    assert "Traceback" not in out.stdout
+    kept = sorted(d for d in (disk / "full").iterdir() if d.is_dir())
+    assert [load_state(d)["epoch"] for d in kept] == [1]  # whole, and nothing partial beside it
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    out = run_cli("pipelines.train", *args, env=env, timeout=400)
+    assert out.returncode == 0 and "epochs 2..2 (resumed)" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def fit_result_checkpoints(run_dir: Path):
