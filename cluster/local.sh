@@ -19,10 +19,12 @@
 # Ports: node i (0 = head) takes P+10i .. P+10i+8 (default P = 6390): the GCS (head: P), the
 # dashboard (head: P+1), the Ray client server (head: P+8), and on every node its node manager,
 # object manager, metrics export, dashboard agent (HTTP and gRPC) and runtime-env agent ports. All
-# are checked free before anything starts, so the cluster never collides with another Ray here.
-# The dashboard (which takes job submissions) binds to 127.0.0.1 only; token authentication is on
-# (RAY_AUTH_MODE=token on every node): the token is ~/.ray/auth_token (made if missing), and
-# clients send it with RAY_AUTH_MODE=token.
+# are checked free before anything starts, so the cluster never collides with another Ray here
+# (but for Ray's fixed dashboard and autoscaler metrics ports, 44227 and 44217). Every node's IP is
+# 127.0.0.1, so every port of the cluster binds to 127.0.0.1 only: nothing answers from another
+# machine. A client of the GCS (not of the dashboard) needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# (in DIR/env). Token authentication is on (RAY_AUTH_MODE=token on every node): the token is
+# ~/.ray/auth_token (made if missing), and clients send it with RAY_AUTH_MODE=token.
 #
 # State (pids, logs, runtime_env.yaml and each node's own Ray temp dir: nodes on one machine must
 # not share one, or one node's runtime-env agent deletes a job's working dir that another node's
@@ -130,13 +132,30 @@ EOF
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
   unset RAY_ADDRESS
 
-  local common=(--block --disable-usage-stats --num-cpus="$CPUS"
+  # Every node's IP is 127.0.0.1, so that Ray binds its servers there instead of on all interfaces
+  # (the GCS, raylets, object managers, workers, metrics export, dashboard agents, runtime-env
+  # agents, client server: Ray 2.60 binds to loopback only when the node IP is loopback). Ray on
+  # Linux turns 127.0.0.1 into the machine's routable address (services.resolve_ip_for_localhost)
+  # unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with that set `ray start --address` refuses to
+  # add a node. So every process of the cluster gets the variable (a driver's ray.init keeps
+  # 127.0.0.1), and `ray start` itself runs with the check passed and 127.0.0.1 kept as given.
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+  local ray_start=("$PY" -c '
+import sys
+from ray._private import ray_constants, services
+assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER") and hasattr(services, "resolve_ip_for_localhost")
+ray_constants.ENABLE_RAY_CLUSTER = True             # a worker node may join
+services.resolve_ip_for_localhost = lambda host: host  # 127.0.0.1 stays 127.0.0.1
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()' start)
+  local common=(--block --disable-usage-stats --num-cpus="$CPUS" --node-ip-address=127.0.0.1
                 --object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024)))
   start_node() {  # index, extra args...
     local i=$1; shift
     local p=($(node_ports "$i"))
     # its own session (process group), so that `down` stops this node and only this node
-    setsid "$BIN/ray" start "${common[@]}" --temp-dir="$STATE/n$i" --node-manager-port="${p[0]}" --object-manager-port="${p[1]}" \
+    setsid "${ray_start[@]}" "${common[@]}" --temp-dir="$STATE/n$i" --node-manager-port="${p[0]}" --object-manager-port="${p[1]}" \
       --metrics-export-port="${p[2]}" --dashboard-agent-listen-port="${p[3]}" \
       --dashboard-agent-grpc-port="${p[4]}" --runtime-env-agent-port="${p[5]}" \
       --labels="ray-resnet-node=node-$i" "$@" >"$STATE/node-$i.log" 2>&1 </dev/null &
@@ -186,6 +205,8 @@ while not (answers(f"http://127.0.0.1:{dash}/api/version")
 while True:
     alive = list_nodes(address=f"http://127.0.0.1:{dash}", filters=[("state", "=", "ALIVE")])
     if len(alive) == want:
+        if any(n.node_ip != "127.0.0.1" for n in alive):  # every port on loopback: see start_node
+            sys.exit(f"local.sh: nodes on {sorted({n.node_ip for n in alive})}, not only 127.0.0.1")
         break
     if time.time() > deadline:
         sys.exit(f"local.sh: {len(alive)} of {want} nodes alive after 120 s")
@@ -196,6 +217,7 @@ EOF
     echo "RAY_ADDRESS=http://127.0.0.1:$dash"
     echo "RAY_AUTH_MODE=token"
     echo "RAY_RESNET_LOCAL_GCS=127.0.0.1:$PORT"
+    echo "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"   # what a client of the GCS needs (see the nodes' env)
     echo "RAY_RESNET_LOCAL_METRICS=$(for ((i = 0; i < nodes; i++)); do echo -n "http://127.0.0.1:$(node_ports "$i" | cut -d' ' -f3)/metrics "; done)"
   } >"$STATE/env"
   echo "local Ray cluster: head + $WORKERS worker node(s), $CPUS CPUs each; state in $STATE"
