@@ -186,6 +186,24 @@ class CheckpointSection(Section):
 class MlflowSection(Section):
     tracking_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else SQLite under HOME
     experiment: str = Field("ray-resnet", min_length=1)
+    register_model: str | None = None        # a name: the run's best model (a sweep's: its best trial's)
+                                             # becomes a new version of this registered model
+    model_alias: str | None = None           # e.g. champion: moved to that version
+
+    @model_validator(mode="after")
+    def _check(self) -> "MlflowSection":
+        if self.register_model is not None:
+            safe_name("register_model", self.register_model)
+        if self.model_alias is not None:
+            if self.register_model is None:
+                raise ValueError(f"model_alias={self.model_alias}: set mlflow.register_model too (the "
+                                 "registered model the alias belongs to)")
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", self.model_alias):
+                raise ValueError(f"model_alias={self.model_alias}: letters, digits, _ and - only, e.g. champion")
+            if self.model_alias == "latest" or re.fullmatch(r"[vV]\d+", self.model_alias):
+                raise ValueError(f"model_alias={self.model_alias}: MLflow reserves 'latest' and v<number>; "
+                                 "choose another, e.g. champion")
+        return self
 
     def resolved_uri(self) -> str:
         return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

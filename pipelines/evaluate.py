@@ -293,7 +293,7 @@ def model_from_mlflow(uri: str, tracking_uri: str) -> tuple[nn.Module, dict, str
         except Exception as e:
             raise ConfigError(f"{uri}: cannot load the model from {tracking_uri} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:300]}); give runs:/<run_id>/best_model (or "
-                              "final_model) or models:/<name>/<version>, and mlflow.tracking_uri=... "
+                              "final_model) or models:/<name>/<version> (or /latest, or @<alias>), and mlflow.tracking_uri=... "
                               "for the store that holds it") from None
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -345,7 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
                         help="a run's checkpoint_* directory, or its run directory (the best checkpoint)")
-    source.add_argument("--model-uri", metavar="URI", help="an MLflow model, e.g. runs:/<run_id>/best_model")
+    source.add_argument("--model-uri", metavar="URI",
+                        help="an MLflow model: runs:/<run_id>/best_model, models:/NAME/latest, models:/NAME@champion")
     p.add_argument("--shards", metavar="DIR", help="validation shards (default: the model's data.shards)")
     p.add_argument("--mode", choices=MODES, default="single")
     p.add_argument("--crop", type=positive, metavar="N",

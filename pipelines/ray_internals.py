@@ -50,3 +50,16 @@ def worker_exceptions(error) -> list[BaseException]:
     WorkerGroupError maps each rank to a wrapper holding the original in a private attribute; a
     StorageFull must be found among them to be said in one line."""
     return [getattr(e, "_base_exc", e) for e in getattr(error, "worker_failures", {}).values()]
+
+
+def job_submission_id() -> str | None:
+    """The id `ray job submit` gave this driver's job (raysubmit_...), or None when it runs otherwise.
+    Ray's job supervisor hands its driver the job's config, the submission id among its metadata,
+    in this environment variable; there is no public getter."""
+    import json
+    import os
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return json.loads(raw)["metadata"]["job_submission_id"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -2,6 +2,7 @@
 
     uri = cfg.mlflow.resolved_uri(); experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
     run_id = open_run(cfg, uri, experiment_id, stats)     # a new run, or the one a resumed run had
+    log_lineage(uri, run_id, shards, manifest, summary)   # its data, code and one-line description
     EpochLog(uri, run_id).log(history)                    # each epoch once (pipelines.train.LogEpochs)
     log_models(cfg, uri, final, best)                     # the driver, at the end: models and curves
     Gauges(run_name, rank).set(images_per_s=...)          # every worker: Ray's Prometheus endpoint
@@ -12,6 +13,8 @@ in <sweep_dir>/mlflow_parent_run_id), so the same run.name continues the same ML
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import torch
 
 import resnet_models
 from pipelines.checkpoint import read_text, save_text
+from pipelines.ray_internals import job_submission_id
 from pipelines.config import HOME, Config, SetupError
 from pipelines.plots import curves_png
 from pipelines.runtime import free_port
@@ -110,6 +114,60 @@ def open_run(cfg: Config, uri: str, experiment_id: str, stats: dict, parent_run_
     return continue_or_create(client, cfg.run_dir, "mlflow_run_id", create)[0]
 
 
+def dataset_digest(split: dict) -> str:
+    """One split's fingerprint from its shards' SHA-256 checksums (the manifest's): the same shards
+    give the same digest in every run. 32 hex digits: MLflow stores at most 36 characters."""
+    return hashlib.sha256("\n".join(s["sha256"] for s in split["shards"]).encode()).hexdigest()[:32]
+
+
+def source_tags() -> dict[str, str]:
+    """What code ran: the entry point, the package version, under `ray job submit` the job's id, and
+    from a git checkout its commit and whether the tree had uncommitted changes."""
+    from importlib.metadata import PackageNotFoundError, version
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    tags = {"mlflow.source.name": spec.name if spec else Path(sys.argv[0]).name,
+            "mlflow.source.type": "JOB" if job_submission_id() else "LOCAL"}
+    with contextlib.suppress(PackageNotFoundError):
+        tags["ray_resnet.version"] = version("ray-resnet")
+    if job_submission_id():
+        tags["ray.job_submission_id"] = job_submission_id()
+    root = Path(resnet_models.__file__).resolve().parents[1]
+    if (root / ".git").exists():  # `ray job submit` uploads the checkout without .git: no commit there
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=10)
+            if commit.returncode == 0 and changed.returncode == 0:
+                tags["mlflow.source.git.commit"] = commit.stdout.strip()
+                tags["ray_resnet.git_dirty"] = str(bool(changed.stdout.strip())).lower()
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            pass
+    return tags
+
+
+def log_lineage(uri: str, run_id: str, shards: str, manifest: dict, summary: str) -> None:
+    """The run's training and validation shards as MLflow dataset inputs (name, the manifest's
+    path, a digest of the shards' checksums, rows / shards / classes as profile), where its code
+    came from (source_tags) and a one-line description on the run's page. Logged at every start:
+    MLflow keeps an input once, and a resumed run's tags say what ran last."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag
+    scheme = shards.split("://", 1)[0] if "://" in shards else "local"
+    inputs = []
+    for split, context in (("train", "training"), ("val", "validation")):
+        part = manifest["splits"][split]
+        dataset = Dataset(name=f"{Path(shards.rstrip('/')).name}-{split}", digest=dataset_digest(part),
+                          source_type=scheme, source=json.dumps({"uri": f"{shards.rstrip('/')}/manifest.json"}),
+                          profile=json.dumps({"rows": part["rows"], "shards": len(part["shards"]),
+                                              "classes": len(manifest["classes"])}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    client = mlflow_client(uri)
+    client.log_inputs(run_id, datasets=inputs)
+    tags = {**source_tags(), "mlflow.note.content": summary}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def open_sweep_run(cfg: Config, uri: str, experiment_id: str, directory: str) -> str:
     """A sweep's parent run (named tune.name, the tune section as params), continued on resume."""
     client = mlflow_client(uri)
@@ -176,16 +234,35 @@ def log_models(cfg: Config, uri: str, final: dict, best: dict) -> None:
     # two images: MLflow exports the model with torch.export, which fixes a batch dimension of 1
     example = torch.zeros(2, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    logged = {}
     with fluent_mlflow(uri), mlflow.start_run(run_id=run_id):
         for name, state in (("best_model", best), ("final_model", final)):
             model = build_model(cfg.model, num_classes=state["num_classes"])
             model.load_state_dict(state["model"])
-            mlflow.pytorch.log_model(model.eval(), name=name, input_example=example,
-                                     pip_requirements=requirements,
-                                     code_paths=[str(Path(resnet_models.__file__).parent)],
-                                     params={"epoch": state["epoch"]})
+            logged[name] = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example,
+                                                    pip_requirements=requirements,
+                                                    code_paths=[str(Path(resnet_models.__file__).parent)],
+                                                    params={"epoch": state["epoch"]})
         mlflow.log_metrics({"best_val_error": best["history"][-1]["val_error"], "best_epoch": best["epoch"],
                             "final_epoch": final["epoch"]})
+    if cfg.mlflow.register_model:
+        version = register(uri, cfg.mlflow.register_model, logged["best_model"].model_uri,
+                           best["history"][-1]["val_error"], cfg.run.name, cfg.mlflow.model_alias)
+        print(f"registered {cfg.mlflow.register_model} version {version}"
+              + (f" (@{cfg.mlflow.model_alias})" if cfg.mlflow.model_alias else "")
+              + f": the best model of {cfg.run.name}", flush=True)
+
+
+def register(uri: str, name: str, model_uri: str, val_error: float, run_name: str, alias: str | None = None) -> str:
+    """A new version of the registered model `name` from model_uri, tagged with its validation error
+    and run; the alias (when given) moved to it. Returns the version."""
+    import mlflow
+    with fluent_mlflow(uri):
+        version = mlflow.register_model(model_uri, name, tags={"val_error": f"{val_error:.6g}",
+                                                               "run_name": run_name}).version
+    if alias:
+        mlflow_client(uri).set_registered_model_alias(name, alias, version)
+    return str(version)
 
 
 def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:

@@ -39,8 +39,8 @@ from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_o
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, start_ray
 from pipelines.shards import ShardError, check_shards, load_manifest
-from pipelines.tracking import (EpochLog, Gauges, ensure_experiment, flat_params, log_models, mlflow_client,
-                                open_run, quiet_mlflow, ui_command)
+from pipelines.tracking import (EpochLog, Gauges, ensure_experiment, flat_params, log_lineage, log_models,
+                                mlflow_client, open_run, quiet_mlflow, ui_command)
 from resnet_models import build_model, model_stats
 
 
@@ -315,8 +315,13 @@ def preflight(cfg: Config) -> dict:
     print(f"{cfg.model.name}: {stats['params']:,} parameters, {stats['macs'] / 1e6:.1f}M MACs per image; "
           f"{rows['train']} train / {rows['val']} val images, {classes} classes; outputs in {cfg.run_dir}; "
           f"MLflow: {uri}", flush=True)
+    sc = cfg.scaling
+    device = f"{sc.gpus_per_worker:g} GPU each" if sc.gpus_per_worker else "CPUs"
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
-            "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id}
+            "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
+            "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
+                           f"training / {rows['val']:,} validation images, {classes} classes; "
+                           f"{cfg.schedule.epochs} epochs, {sc.num_workers} workers ({device})"}
 
 
 def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, console: dict | None = None):
@@ -332,6 +337,8 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     check_cluster(cfg)
     train_ds, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
+    log_lineage(info["mlflow_uri"], info["mlflow_run_id"], info["shards"], load_manifest(info["shards"]),
+                info["description"])
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
     log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], cfg.run_dir)

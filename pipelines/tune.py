@@ -26,7 +26,8 @@ from pipelines.config import Config, ConfigError, candidates, cli_errors, parse_
 from pipelines.console import Console
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
-from pipelines.tracking import ensure_experiment, local_tracking_server, mlflow_client, open_sweep_run, quiet_mlflow
+from pipelines.tracking import (ensure_experiment, local_tracking_server, mlflow_client, open_sweep_run, quiet_mlflow,
+                               register)
 from pipelines.train import fit
 
 
@@ -56,6 +57,7 @@ def trial_config(base: Config, params: dict, trial_id: str) -> Config:
     name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", re.sub(r"[\[\] ]", "", label(params, varying(base))))
     raw["run"]["name"] = (f"{trial_id}-{name}" if name else trial_id)[:200]
     raw["checkpoint"]["storage_path"] = sweep_dir(base)
+    raw["mlflow"].update(register_model=None, model_alias=None)  # the sweep registers its best trial's model
     return Config.model_validate({**raw, "tune": {"space": {}}})
 
 
@@ -74,6 +76,20 @@ def run_trial(config: dict, console: dict | None = None) -> None:
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
     fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"],
         console={**console, "tag": f"{cfg.run.name}: "} if console else None)
+
+
+def register_best(cfg: Config, uri: str, experiment_id: str, run_id: str | None, val_error: float) -> None:
+    """The best trial's best model as a new version of mlflow.register_model (and its alias)."""
+    name = cfg.mlflow.register_model
+    models = mlflow_client(uri).search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'best_model'") if run_id else []
+    if not models:  # stopped before its last epoch (only a finished trial logs its models)
+        print(f"not registered in {name}: the best trial has no best_model in MLflow", flush=True)
+        return
+    version = register(uri, name, models[0].model_uri, val_error, f"{cfg.tune.name}: best trial",
+                       cfg.mlflow.model_alias)
+    print(f"registered {name} version {version}" + (f" (@{cfg.mlflow.model_alias})" if cfg.mlflow.model_alias else "")
+          + f": the best trial's best model (run {run_id})", flush=True)
 
 
 def concurrency(cfg: Config) -> int:
@@ -226,7 +242,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     print(f"sweep {cfg.tune.name}: {trials} trials, {limit} at a time, {stopping}", flush=True)
     grid = tuner.fit()
 
-    rows = []
+    rows, child_runs = [], {}
     for r in grid:
         df = r.metrics_dataframe
         values = {k: r.config[k] for k in cfg.tune.space}
@@ -242,6 +258,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
         trial_id = (r.metrics or {}).get("trial_id")
         child = trial_id and read_text(directory, f"{trial_config(cfg, values, trial_id).run.name}/mlflow_run_id")
         if child:  # the driver ends the trials' runs: a trial Tune stopped never ended its own
+            child_runs[rows[-1]["trial"]] = child.strip()
             status = "FAILED" if r.error else ("KILLED" if epochs < planned else "FINISHED")
             client.set_terminated(child.strip(), status)
     # A trial that failed before its first report has no trial id in its result: its run ends here.
@@ -256,6 +273,8 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
             client.log_artifact(parent, p)
     if rows and not math.isnan(rows[0]["best_val_error"]):
         client.log_metric(parent, "best_val_error", rows[0]["best_val_error"])
+        if cfg.mlflow.register_model:
+            register_best(cfg, uri, experiment_id, child_runs.get(rows[0]["trial"]), rows[0]["best_val_error"])
     client.set_terminated(parent, "FINISHED")
     print(f"\n{to_markdown(rows)}\nsweep {cfg.tune.name} took {time.time() - t0:.0f} s; MLflow parent run {parent}")
     return rows, grid

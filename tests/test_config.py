@@ -60,6 +60,10 @@ def test_gpu_settings_resolve_from_the_workers_devices():
     (["data.batch_size=3"], "data.batch_size=3: the global batch is split evenly over scaling.num_workers=2"),
     (["data.batch_size=true"], "data.batch_size=True: a number, not true"),
     (["data.batch_size=2**70"], "data.batch_size=2**70: Input should be a valid integer"),
+    (["mlflow.register_model=../x"], "mlflow.register_model=../x: one folder name"),
+    (["mlflow.model_alias=champion"], "mlflow.model_alias=champion: set mlflow.register_model too"),
+    (["mlflow.register_model=m", "mlflow.model_alias=a.b"], "mlflow.model_alias=a.b: letters, digits, _ and - only"),
+    (["mlflow.register_model=m", "mlflow.model_alias=v2"], "mlflow.model_alias=v2: MLflow reserves 'latest' and v<number>"),
 ])
 def test_a_value_the_config_cannot_mean_is_refused_in_one_line_naming_it(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -151,11 +151,12 @@ def test_overrides_and_config_take_precedence_over_the_trained_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_session):
-    """One epoch of ResNet-8 on the digits: a run directory, its checkpoint and its MLflow run."""
+    """One epoch of ResNet-8 on the digits: a run directory, its checkpoint and its MLflow run, its
+    best model registered as version 1 of digits-resnet8 with the alias champion."""
     tmp = tmp_path_factory.mktemp("evaluate")
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp}", "run.name=eval", f"mlflow.tracking_uri={uri}",
-                               *TINY])
+                               "mlflow.register_model=digits-resnet8", "mlflow.model_alias=champion", *TINY])
     state = load_state(fit(cfg).checkpoint)
     return {"run_dir": cfg.run_dir, "state": state, "uri": uri, "shards": shards_dir(cfg.data)}
 
@@ -168,12 +169,25 @@ def test_evaluation_on_ray_data_scores_every_image_once(trained):
     assert 0 <= ten["top5_error"] <= ten["top1_error"] <= 1
 
 
+def test_the_best_model_is_registered_with_its_validation_error_and_alias(trained):
+    from mlflow import MlflowClient
+    from pipelines.evaluate import model_from_mlflow
+    client = MlflowClient(trained["uri"])
+    version = client.get_model_version_by_alias("digits-resnet8", "champion")
+    row = trained["state"]["history"][-1]
+    assert version.version == "1" and float(version.tags["val_error"]) == pytest.approx(row["val_error"], rel=1e-5)
+    assert version.run_id == trained["state"]["mlflow_run_id"] and version.tags["run_name"] == "eval"
+    registered, _, _ = model_from_mlflow("models:/digits-resnet8/latest", trained["uri"])
+    logged, _, _ = model_from_mlflow(f"runs:/{version.run_id}/best_model", trained["uri"])
+    for (k, a), b in zip(registered.state_dict().items(), logged.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_the_command_line_scores_an_mlflow_model_as_training_validated_it(trained, run_cli, tmp_path):
-    """Single crop is the training's own validation view: the same errors, from the MLflow model."""
-    run_id = trained["state"]["mlflow_run_id"]
+    """Single crop is the training's own validation view: the same errors, from the registered model."""
     out = tmp_path / "results.json"
-    proc = run_cli("pipelines.evaluate", "--model-uri", f"runs:/{run_id}/best_model", "--shards", trained["shards"],
-                   "--out", str(out), f"mlflow.tracking_uri={trained['uri']}")
+    proc = run_cli("pipelines.evaluate", "--model-uri", "models:/digits-resnet8@champion", "--shards",
+                   trained["shards"], "--out", str(out), f"mlflow.tracking_uri={trained['uri']}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("single: top-1 error ") and "on 360 images (1 view; 0 skipped)" in line

@@ -18,6 +18,9 @@ def test_the_ray_internals_we_depend_on_are_still_there():
     from pipelines.ray_internals import worker_exceptions
     raised = ValueError("in the worker")
     assert worker_exceptions(WorkerGroupError("", {0: UserExceptionWithTraceback(raised, "Traceback ...")})) == [raised]
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY
+    assert (RAY_JOB_CONFIG_JSON_ENV_VAR, JOB_ID_METADATA_KEY) == ("RAY_JOB_CONFIG_JSON_ENV_VAR", "job_submission_id")
 
 
 def test_importing_the_project_patches_nothing():

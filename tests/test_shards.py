@@ -417,3 +417,12 @@ def test_a_killed_writer_takes_its_pool_workers_with_it(tmp_path):
         assert not alive, f"pool workers {alive} outlived the killed writer"
     finally:
         writer.kill()
+
+
+def test_the_same_shards_give_the_same_dataset_digest_and_other_shards_another(tmp_path):
+    from pipelines.tracking import dataset_digest
+    digests = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        write_shards(S.load_digits_source(32, seed), tmp_path / name, Options(rows_per_shard=512), progress=None)
+        digests.append(dataset_digest(load_manifest(str(tmp_path / name))["splits"]["train"]))
+    assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 32

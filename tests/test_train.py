@@ -80,6 +80,30 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     assert {m.name for m in models} == {"best_model", "final_model"}
 
+    # Lineage: the shards as dataset inputs (logged once though the run started twice), the code,
+    # and a one-line description on the run's page
+    from pipelines.data import shards_dir
+    from pipelines.shards import load_manifest
+    from pipelines.tracking import dataset_digest
+    shards = shards_dir(cfg.data)
+    manifest = load_manifest(shards)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"} and len(run.inputs.dataset_inputs) == 2
+    for context, split in (("training", "train"), ("validation", "val")):
+        dataset = inputs[context]
+        assert dataset.name == f"digits-{split}" and dataset.digest == dataset_digest(manifest["splits"][split])
+        assert yaml.safe_load(dataset.source) == {"uri": f"{shards}/manifest.json"}
+        assert yaml.safe_load(dataset.profile) == {"rows": manifest["splits"][split]["rows"], "classes": 10,
+                                                   "shards": len(manifest["splits"][split]["shards"])}
+    tags = run.data.tags
+    assert tags["mlflow.note.content"] == (f"cifar_resnet8 (75,290 parameters) on {shards}: 1,437 training / 360 "
+                                           "validation images, 10 classes; 2 epochs, 2 workers (CPUs)")
+    assert tags["ray_resnet.version"] == "0.1.0" and tags["mlflow.source.type"] == "LOCAL"
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["ray_resnet.git_dirty"] in ("true", "false")
+
 
 def test_two_ddp_workers_take_the_same_steps_as_one_worker_with_the_whole_batch(tmp_path, ray_session):
     from ray.train import RunConfig, ScalingConfig
@@ -352,7 +376,11 @@ def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_pa
     from mlflow import MlflowClient
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     assert epochs_logged(client, state["mlflow_run_id"]) == [1]
-    assert client.get_run(state["mlflow_run_id"]).data.params["model.name"] == "cifar_resnet8"
+    submitted = client.get_run(state["mlflow_run_id"])
+    assert submitted.data.params["model.name"] == "cifar_resnet8"
+    tags = submitted.data.tags  # started by `ray job submit`: the job's id
+    assert tags["mlflow.source.type"] == "JOB" and tags["ray.job_submission_id"].startswith("raysubmit_")
+    assert tags["mlflow.source.name"] == "pipelines.train"
 
 
 def test_a_job_runs_across_two_nodes(tmp_path):

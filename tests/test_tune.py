@@ -33,7 +33,7 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep-test",
                                # a learning rate too small to learn anything: ASHA's case to stop
                                "tune.space.model.depth=[8, 14]", "tune.space.optim.lr=[0.1, 0.00001]",
-                               "tune.max_concurrent_trials=null"])
+                               "tune.max_concurrent_trials=null", "mlflow.register_model=grid-best"])
     rows, _ = sweep(cfg)  # two trials at once on the 5-CPU test cluster: MLflow through a local server
     assert len(rows) == 4 and not any(r["error"] for r in rows)
     assert {(r["model.depth"], r["optim.lr"]) for r in rows} == {(8, 0.1), (8, 1e-05), (14, 0.1), (14, 1e-05)}
@@ -51,6 +51,11 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
     assert set(statuses.values()) <= {"FINISHED", "KILLED"}, (statuses, rows)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.csv", "results.md", "curves.png", "error_vs_depth.png", "config.yaml"}
+    # the best trial's best model, and only it, registered
+    versions = client.search_model_versions("name = 'grid-best'")
+    best_child = next(c for c in children if c.info.run_name.startswith(rows[0]["trial"]))
+    assert len(versions) == 1 and versions[0].run_id == best_child.info.run_id
+    assert float(versions[0].tags["val_error"]) == pytest.approx(rows[0]["best_val_error"], rel=1e-5)
     table = client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))
     assert open(table).read().splitlines()[0].startswith("model.depth,optim.lr,best_val_error,epochs,stopped_early")
 
