@@ -12,6 +12,7 @@ each trial's training resumes from its own checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -21,13 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.checkpoint import read_text
+import pyarrow.fs
+import ray.train
+
+from pipelines.checkpoint import CheckpointError, load_state, read_text
 from pipelines.config import Config, ConfigError, candidates, cli_errors, parse_cli, set_trial_value
 from pipelines.console import Console
+from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
-from pipelines.tracking import (ensure_experiment, local_tracking_server, mlflow_client, open_sweep_run, quiet_mlflow,
-                               register)
+from pipelines.tracking import (ensure_experiment, local_tracking_server, log_models, mlflow_client, open_sweep_run,
+                               quiet_mlflow, register)
 from pipelines.train import fit
 
 
@@ -78,11 +83,27 @@ def run_trial(config: dict, console: dict | None = None) -> None:
         console={**console, "tag": f"{cfg.run.name}: "} if console else None)
 
 
+def log_trial_models(cfg: Config, uri: str) -> None:
+    """A finished trial's best and final models into its MLflow run, from its checkpoints (once:
+    log_models passes over a run that has them)."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(cfg.run_dir)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    states = []
+    for info in found:
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            with contextlib.suppress(CheckpointError):  # one a failed write left: not a model
+                states.append(load_state(ray.train.Checkpoint(info.path, filesystem=fs)))
+    if states:
+        final = max(states, key=lambda s: s["epoch"])
+        log_models(cfg, uri, final, min(states, key=lambda s: s["history"][-1]["val_error"]))
+
+
 def register_best(cfg: Config, uri: str, experiment_id: str, run_id: str | None, val_error: float) -> None:
     """The best trial's best model as a new version of mlflow.register_model (and its alias)."""
     name = cfg.mlflow.register_model
-    models = mlflow_client(uri).search_logged_models(
-        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'best_model'") if run_id else []
+    models = [m for m in mlflow_client(uri).search_logged_models([experiment_id],
+                                                                 filter_string=f"source_run_id = '{run_id}'")
+              if m.name == "best_model"] if run_id else []
     if not models:  # stopped before its last epoch (only a finished trial logs its models)
         print(f"not registered in {name}: the best trial has no best_model in MLflow", flush=True)
         return
@@ -179,6 +200,7 @@ def sweep(cfg: Config):
                           f"epochs, and the trials run at most {most} (schedule.epochs, or "
                           "tune.space.schedule.epochs); lower tune.grace_period or give the trials more epochs")
     search_alg = searcher(cfg)  # a missing Optuna, said before anything starts
+    shards_dir(cfg.data)  # the bundled digits written once here, not by parallel trials racing to write them
     if not cfg.run.verbose:
         quiet_mlflow()
     ray_line = start_ray(cfg)
@@ -260,6 +282,10 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
         if child:  # the driver ends the trials' runs: a trial Tune stopped never ended its own
             child_runs[rows[-1]["trial"]] = child.strip()
             status = "FAILED" if r.error else ("KILLED" if epochs < planned else "FINISHED")
+            if status == "FINISHED":
+                # ASHA stops a trial at its last epoch (max_t) as it stops a weak one, before its
+                # fit logs the models: the driver logs them from the trial's checkpoints
+                log_trial_models(trial_config(cfg, values, trial_id), uri)
             client.set_terminated(child.strip(), status)
     # A trial that failed before its first report has no trial id in its result: its run ends here.
     for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' "

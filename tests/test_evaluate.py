@@ -175,7 +175,7 @@ def test_the_best_model_is_registered_with_its_validation_error_and_alias(traine
     client = MlflowClient(trained["uri"])
     version = client.get_model_version_by_alias("digits-resnet8", "champion")
     row = trained["state"]["history"][-1]
-    assert version.version == "1" and float(version.tags["val_error"]) == pytest.approx(row["val_error"], rel=1e-5)
+    assert int(version.version) == 1 and float(version.tags["val_error"]) == pytest.approx(row["val_error"], rel=1e-5)
     assert version.run_id == trained["state"]["mlflow_run_id"] and version.tags["run_name"] == "eval"
     registered, _, _ = model_from_mlflow("models:/digits-resnet8/latest", trained["uri"])
     logged, _, _ = model_from_mlflow(f"runs:/{version.run_id}/best_model", trained["uri"])

@@ -51,6 +51,11 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
     assert set(statuses.values()) <= {"FINISHED", "KILLED"}, (statuses, rows)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.csv", "results.md", "curves.png", "error_vs_depth.png", "config.yaml"}
+    for child in children:  # a trial that ran all its epochs has its models, though ASHA stopped it at the last
+        models = client.search_logged_models([parent.info.experiment_id],
+                                             filter_string=f"source_run_id = '{child.info.run_id}'")
+        assert {m.name for m in models} == ({"best_model", "final_model"} if statuses[child.info.run_name] == "FINISHED"
+                                            else set()), child.info.run_name
     # the best trial's best model, and only it, registered
     versions = client.search_model_versions("name = 'grid-best'")
     best_child = next(c for c in children if c.info.run_name.startswith(rows[0]["trial"]))
