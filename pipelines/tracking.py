@@ -26,9 +26,9 @@ import torch
 
 import resnet_models
 from pipelines.checkpoint import read_text, save_text
-from pipelines.ray_internals import job_submission_id
 from pipelines.config import HOME, Config, SetupError
 from pipelines.plots import curves_png
+from pipelines.ray_internals import job_submission_id
 from pipelines.runtime import free_port
 from resnet_models import build_model
 
@@ -133,7 +133,7 @@ def source_tags() -> dict[str, str]:
     if job_submission_id():
         tags["ray.job_submission_id"] = job_submission_id()
     root = Path(resnet_models.__file__).resolve().parents[1]
-    if (root / ".git").exists():  # `ray job submit` uploads the checkout without .git: no commit there
+    if (root / ".git").exists():  # cluster/runtime_env.yaml leaves .git out of a job's upload: no commit there
         try:
             git = ["git", "-C", str(root)]
             commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -163,7 +163,14 @@ def log_lineage(uri: str, run_id: str, shards: str, manifest: dict, summary: str
                                               "classes": len(manifest["classes"])}))
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
     client = mlflow_client(uri)
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            break
+        except Exception:  # parallel trials adding the same new dataset at once: MLflow's store checks,
+            if attempt == 2:  # then inserts, and one of them meets the other's row; once there, it links
+                raise
+            time.sleep(1 + attempt)
     tags = {**source_tags(), "mlflow.note.content": summary}
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
