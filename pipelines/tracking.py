@@ -253,22 +253,21 @@ def log_models(cfg: Config, uri: str, final: dict, best: dict) -> None:
         mlflow.log_metrics({"best_val_error": best["history"][-1]["val_error"], "best_epoch": best["epoch"],
                             "final_epoch": final["epoch"]})
     if cfg.mlflow.register_model:
-        version = register(uri, cfg.mlflow.register_model, logged["best_model"].model_uri,
-                           best["history"][-1]["val_error"], cfg.run.name, cfg.mlflow.model_alias)
-        print(f"registered {cfg.mlflow.register_model} version {version}"
-              + (f" (@{cfg.mlflow.model_alias})" if cfg.mlflow.model_alias else "")
-              + f": the best model of {cfg.run.name}", flush=True)
+        register(uri, cfg.mlflow.register_model, logged["best_model"].model_uri, best["history"][-1]["val_error"],
+                 cfg.run.name, cfg.mlflow.model_alias, what=f"the best model of {cfg.run.name}")
 
 
-def register(uri: str, name: str, model_uri: str, val_error: float, run_name: str, alias: str | None = None) -> str:
+def register(uri: str, name: str, model_uri: str, val_error: float, run_name: str, alias: str | None,
+             what: str) -> str:
     """A new version of the registered model `name` from model_uri, tagged with its validation error
-    and run; the alias (when given) moved to it. Returns the version."""
+    and run; the alias (when given) moved to it; a line saying so (what: which model). Returns the version."""
     import mlflow
     with fluent_mlflow(uri):
         version = mlflow.register_model(model_uri, name, tags={"val_error": f"{val_error:.6g}",
                                                                "run_name": run_name}).version
     if alias:
         mlflow_client(uri).set_registered_model_alias(name, alias, version)
+    print(f"registered {name} version {version}" + (f" (@{alias})" if alias else "") + f": {what}", flush=True)
     return str(version)
 
 

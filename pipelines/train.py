@@ -319,6 +319,7 @@ def preflight(cfg: Config) -> dict:
     device = f"{sc.gpus_per_worker:g} GPU each" if sc.gpus_per_worker else "CPUs"
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
+            "manifest": manifest,
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
                            f"{cfg.schedule.epochs} epochs, {sc.num_workers} workers ({device})"}
@@ -337,8 +338,9 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     check_cluster(cfg)
     train_ds, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
-    log_lineage(info["mlflow_uri"], info["mlflow_run_id"], info["shards"], load_manifest(info["shards"]),
-                info["description"])
+    # the manifest and description stay here: the workers need neither
+    log_lineage(info["mlflow_uri"], info["mlflow_run_id"], info["shards"], info.pop("manifest"),
+                info.pop("description"))
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
     log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], cfg.run_dir)

@@ -107,10 +107,8 @@ def register_best(cfg: Config, uri: str, experiment_id: str, run_id: str | None,
     if not models:  # stopped before its last epoch (only a finished trial logs its models)
         print(f"not registered in {name}: the best trial has no best_model in MLflow", flush=True)
         return
-    version = register(uri, name, models[0].model_uri, val_error, f"{cfg.tune.name}: best trial",
-                       cfg.mlflow.model_alias)
-    print(f"registered {name} version {version}" + (f" (@{cfg.mlflow.model_alias})" if cfg.mlflow.model_alias else "")
-          + f": the best trial's best model (run {run_id})", flush=True)
+    register(uri, name, models[0].model_uri, val_error, f"{cfg.tune.name}: best trial", cfg.mlflow.model_alias,
+             what=f"the best trial's best model (run {run_id})")
 
 
 def concurrency(cfg: Config) -> int:
