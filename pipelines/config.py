@@ -189,6 +189,7 @@ class MlflowSection(Section):
     register_model: str | None = None        # a name: the run's best model (a sweep's: its best trial's)
                                              # becomes a new version of this registered model
     model_alias: str | None = None           # e.g. champion: moved to that version
+    system_metrics_s: float = Field(10.0, ge=0)  # rank 0's node sampled this often; 0: off
 
     @model_validator(mode="after")
     def _check(self) -> "MlflowSection":

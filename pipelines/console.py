@@ -2,7 +2,7 @@
 and a closing summary. Ray's own lines stay in Ray's log files unless run.verbose.
 
 Rank 0 does not print: it sends its lines and progress to the driver through a Ray queue, and the
-driver prints them (a worker's stdout reaches the console only through Ray's log forwarding,
+driver prints them (other kinds of message, such as system metrics, go to the Console's handlers) (a worker's stdout reaches the console only through Ray's log forwarding,
 which brings every other process's lines with it).
 
     with Console(cfg.run.progress_s) as console:        # the driver: prints what arrives
@@ -103,8 +103,9 @@ def progress_line(p: dict) -> str:
 class Console:
     """The driver's side: a Ray queue rank 0 writes to, and a thread printing what arrives."""
 
-    def __init__(self, progress_s: float, stream=None):
+    def __init__(self, progress_s: float, stream=None, handlers: dict | None = None):
         self.view = ConsoleView(stream)
+        self.handlers = handlers or {}  # kind -> what takes rank 0's other messages (system metrics)
         # a bar moves every second; a log line every progress_s
         self.interval = (1.0 if self.view.tty else progress_s) if progress_s > 0 else 0.0
         self.queue = None
@@ -132,7 +133,13 @@ class Console:
                 continue
             except RayError:  # the queue's actor is gone (Ray shutting down): nothing more will come
                 return
-            self.view.handle(*message)
+            self.handle(*message)
+
+    def handle(self, kind: str, payload) -> None:
+        if kind in self.handlers:
+            self.handlers[kind](payload)
+        else:
+            self.view.handle(kind, payload)
 
     def __exit__(self, *exc) -> None:
         from ray.exceptions import RayError
@@ -140,7 +147,7 @@ class Console:
         self.thread.join(timeout=5)
         try:
             while not self.queue.empty():  # rank 0's puts have all landed once fit() returned
-                self.view.handle(*self.queue.get_nowait())
+                self.handle(*self.queue.get_nowait())
             self.queue.shutdown(force=True)
         except RayError:  # Ray went down with the run: what was left in the queue went with it
             pass
@@ -167,6 +174,11 @@ class WorkerConsole:
             print(text, flush=True)
         else:
             self.queue.put(("line", text))
+
+    def send(self, kind: str, payload) -> None:
+        """Anything else for the driver (a Console handler of that kind takes it); without a queue, nothing."""
+        if self.enabled and self.queue is not None:
+            self.queue.put((kind, payload))
 
     def start_epoch(self, epoch: int, total: int) -> None:
         self.epoch, self.total = epoch, total

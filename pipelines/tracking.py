@@ -6,6 +6,8 @@
     EpochLog(uri, run_id).log(history)                    # each epoch once (pipelines.train.LogEpochs)
     log_models(cfg, uri, final, best)                     # the driver, at the end: models and curves
     Gauges(run_name, rank).set(images_per_s=...)          # every worker: Ray's Prometheus endpoint
+    with SystemSampler(interval_s, send, gpus): ...       # rank 0: its node's CPU, memory, GPUs ...
+    with SystemMetricsLog(uri) as system: system.log(sample)  # ... logged by the driver (system/<name>)
 
 A run's MLflow run id is stored beside its checkpoints (<run_dir>/mlflow_run_id; a sweep's parent
 in <sweep_dir>/mlflow_parent_run_id), so the same run.name continues the same MLflow run.
@@ -15,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -312,3 +316,103 @@ class Gauges:
     def set(self, **values: float) -> None:
         for name, value in values.items():
             self.gauges[name].set(value, tags=self.tags)
+
+
+class SystemSampler:
+    """Rank 0's node, every interval_s seconds: MLflow's own system-metrics monitors (CPU, memory,
+    disk, network; GPUs when the node has them and nvidia-ml-py loads), one sample handed to
+    send(). Only the driver's node talks to MLflow (cluster/README.md), so rank 0 sends its samples
+    through the console's queue and SystemMetricsLog logs them on the driver. interval_s 0: off."""
+
+    def __init__(self, interval_s: float, send, gpus: bool):
+        self.interval_s, self.send, self.gpus = interval_s, send, gpus
+        self.stop = threading.Event()
+        self.thread = None
+
+    def monitors(self) -> list:
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        found = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        if self.gpus:
+            try:
+                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+                found.append(GPUMonitor())
+            except (ImportError, RuntimeError) as e:  # no nvidia-ml-py, or NVML cannot start
+                logging.getLogger(__name__).warning("no GPU system metrics: %s", e)
+        return found
+
+    def __enter__(self) -> "SystemSampler":
+        if self.interval_s > 0:
+            try:
+                import psutil
+                monitors = self.monitors()
+            except ImportError as e:
+                logging.getLogger(__name__).warning("no system metrics: %s (pip install psutil)", e)
+                return self
+            psutil.cpu_percent()  # its first call measures nothing: from here on, since the last
+            self.thread = threading.Thread(target=self._run, args=(monitors,), name="system-metrics", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self, monitors: list) -> None:
+        while not self.stop.wait(self.interval_s):
+            values = {}
+            for monitor in monitors:
+                monitor.collect_metrics()
+                values.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+            try:
+                self.send({"time_ms": int(time.time() * 1000), "metrics": values})
+            except Exception:  # the driver's queue is gone: the run is ending
+                return
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+class SystemMetricsLog:
+    """The driver's side of SystemSampler: each sample into its run as system/<name> (where MLflow's
+    run page shows system metrics), step = seconds since the run started, so a resumed run goes on
+    from where it was. Logged from a thread of its own: a tracking server that does not answer
+    (MLflow's client retries for minutes) costs samples, never the console or the training.
+
+        with SystemMetricsLog(uri) as system, Console(..., handlers={"system": system.log}): ...
+    """
+
+    def __init__(self, uri: str):
+        import queue
+        self.uri, self.started, self.warned = uri, {}, False
+        self.samples = queue.Queue(maxsize=1000)
+        self.thread = threading.Thread(target=self._run, name="system-metrics-log", daemon=True)
+
+    def __enter__(self) -> "SystemMetricsLog":
+        self.thread.start()
+        return self
+
+    def log(self, sample: dict) -> None:
+        import queue
+        with contextlib.suppress(queue.Full):  # the server has been away for a long while
+            self.samples.put_nowait(sample)
+
+    def __exit__(self, *exc) -> None:
+        self.log(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from mlflow.entities import Metric
+        client = mlflow_client(self.uri)
+        while (sample := self.samples.get()) is not None:
+            run_id = sample["run_id"]
+            try:
+                if run_id not in self.started:
+                    self.started[run_id] = client.get_run(run_id).info.start_time
+                step = max((sample["time_ms"] - self.started[run_id]) // 1000, 0)
+                client.log_batch(run_id, metrics=[Metric(f"system/{k}", float(v), sample["time_ms"], step)
+                                                  for k, v in sample["metrics"].items()])
+            except Exception as e:
+                if not self.warned:
+                    logging.getLogger(__name__).warning("MLflow did not take system metrics (%s)", e)
+                    self.warned = True

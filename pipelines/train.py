@@ -39,8 +39,8 @@ from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_o
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, start_ray
 from pipelines.shards import ShardError, check_shards, load_manifest
-from pipelines.tracking import (EpochLog, Gauges, ensure_experiment, flat_params, log_lineage, log_models,
-                                mlflow_client, open_run, quiet_mlflow, ui_command)
+from pipelines.tracking import (EpochLog, Gauges, SystemMetricsLog, SystemSampler, ensure_experiment, flat_params,
+                                log_lineage, log_models, mlflow_client, open_run, quiet_mlflow, ui_command)
 from resnet_models import build_model, model_stats
 
 
@@ -219,17 +219,19 @@ def train_loop(config: dict) -> None:
     say.line(header())
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     job.checkpoint_bytes = tensor_bytes(job.state()) if job.rank == 0 else 0
-    while job.epoch < cfg.schedule.epochs:
-        if job.rank == 0:  # a full disk found now, not after an epoch of training
-            check_space(cfg.run_dir, job.checkpoint_bytes)
-        job.epoch += 1
-        t0 = time.perf_counter()
-        row, mine = train_epoch(job, train_shard, say)
-        row.update(validate(job, val_shard), epoch_time_s=time.perf_counter() - t0)
-        job.history.append(row)
-        save_and_report(job, row)
-        gauges.set(**mine, val_error=row["val_error"])
-        say.line(table_row(row))
+    with SystemSampler(cfg.mlflow.system_metrics_s if job.rank == 0 else 0, gpus=job.device.type == "cuda",
+                       send=lambda sample: say.send("system", {**sample, "run_id": config["mlflow_run_id"]})):
+        while job.epoch < cfg.schedule.epochs:
+            if job.rank == 0:  # a full disk found now, not after an epoch of training
+                check_space(cfg.run_dir, job.checkpoint_bytes)
+            job.epoch += 1
+            t0 = time.perf_counter()
+            row, mine = train_epoch(job, train_shard, say)
+            row.update(validate(job, val_shard), epoch_time_s=time.perf_counter() - t0)
+            job.history.append(row)
+            save_and_report(job, row)
+            gauges.set(**mine, val_error=row["val_error"])
+            say.line(table_row(row))
 
 
 class LogEpochs(UserCallback):
@@ -344,10 +346,13 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
     log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], cfg.run_dir)
-    with Console(cfg.run.progress_s) if console is None else contextlib.nullcontext() as own:
+    with contextlib.ExitStack() as stack:
+        if console is None:  # this run's own, with its system metrics (a sweep's trials: the sweep's)
+            system = stack.enter_context(SystemMetricsLog(info["mlflow_uri"]))
+            console = stack.enter_context(Console(cfg.run.progress_s, handlers={"system": system.log})).channel()
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console or own.channel()},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console},
             scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
                                          resources_per_worker={"CPU": sc.cpus_per_worker,
                                                                **({"GPU": sc.gpus_per_worker}

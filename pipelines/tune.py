@@ -31,8 +31,8 @@ from pipelines.console import Console
 from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
-from pipelines.tracking import (ensure_experiment, local_tracking_server, log_models, mlflow_client, open_sweep_run,
-                               quiet_mlflow, register)
+from pipelines.tracking import (SystemMetricsLog, ensure_experiment, local_tracking_server, log_models, mlflow_client,
+                               open_sweep_run, quiet_mlflow, register)
 from pipelines.train import fit
 
 
@@ -215,7 +215,8 @@ def sweep(cfg: Config):
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
-        with Console(progress_s=0) as console:  # the trials' lines; no bars: they would interleave
+        # the trials' lines (no bars: they would interleave) and their rank 0's system metrics
+        with SystemMetricsLog(uri) as system, Console(progress_s=0, handlers={"system": system.log}) as console:
             return _sweep(base, cfg, uri, limit, search_alg, console.channel())
     finally:
         if server:

@@ -2,7 +2,7 @@
 import pytest
 
 from pipelines.config import parse_cli
-from pipelines.experiments import paper_error, preset, run
+from pipelines.experiments import paper_error, preset, report, run
 from pipelines.tune import trial_config
 from resnet_models import ModelConfig
 from tests.conftest import CONFIG
@@ -86,19 +86,44 @@ def test_degradation_runs_small_and_reports_beside_the_paper_in_mlflow(tmp_path,
         "report/report.md", "report/degradation.png", "report/against_paper.png"}
 
 
-@pytest.mark.parametrize("name, overrides, nets", [
-    ("depth", ["tune.space.model.depth=[8, 14]"], ["cifar_resnet14", "cifar_resnet8"]),
-    ("shortcuts", ["model.depth=8", "tune.space.model.shortcut=[A, C]"], ["cifar_resnet8", "cifar_resnet8"]),
-    # two of the follow-up paper's variants, at depth 8 instead of 110
-    ("identity", ["tune.space.model.depth=[8]", "tune.space.model=[{unit: full_preact}, {shortcut_variant: conv1x1}]"],
-     ["cifar_preact_resnet8", "cifar_resnet8"]),
+def test_identity_runs_small_with_its_recipe_and_variants(tmp_path, ray_session):
+    """The one other experiment run end to end: its grid alone sets a warm-up recipe and keys that
+    go together ({unit: full_preact}); two of the follow-up paper's variants, at depth 8 not 110."""
+    cfg = experiment_config("identity", *TINY, f"checkpoint.storage_path={tmp_path}",
+                            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tune.space.model.depth=[8]",
+                            "tune.space.model=[{unit: full_preact}, {shortcut_variant: conv1x1}]")
+    text = run("identity", cfg).read_text()
+    assert "# Experiment: identity" in text
+    rows = sorted(line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| cifar_"))
+    assert rows == [["| cifar_preact_resnet8", "unit=full_preact"], ["| cifar_resnet8", "shortcut_variant=conv1x1"]]
+
+
+class FakeResult:  # what report() reads of a Tune result
+    def __init__(self, config: dict, train_error: list[float], val_error: list[float]):
+        import pandas as pd
+        self.config, self.error = config, None
+        self.metrics_dataframe = pd.DataFrame({"epoch": range(1, len(val_error) + 1), "train_error": train_error,
+                                               "val_error": val_error})
+
+
+@pytest.mark.parametrize("name, overrides, expected", [
+    # depth and shortcuts train as degradation and identity do (tested above): their reports, from results
+    ("depth", [], [("cifar_resnet20", "depth=20", "8.75"), ("cifar_resnet32", "depth=32", "7.51"),
+                   ("cifar_resnet44", "depth=44", "7.17"), ("cifar_resnet56", "depth=56", "6.97"),
+                   ("cifar_resnet110", "depth=110", "6.61")]),
+    ("shortcuts", ["model.family=imagenet", "model.depth=50"],
+     [("resnet34", "shortcut=A", "25.03"), ("resnet34", "shortcut=B", "24.52"), ("resnet34", "shortcut=C", "24.19")]),
 ])
-def test_the_other_experiments_run_small(tmp_path, ray_session, name, overrides, nets):
-    cfg = experiment_config(name, *TINY, f"checkpoint.storage_path={tmp_path}",
-                            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides)
-    text = run(name, cfg).read_text()
-    assert f"# Experiment: {name}" in text
-    assert sorted(line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| cifar_")) == nets
+def test_the_depth_and_shortcuts_reports_put_each_net_beside_the_paper(tmp_path, name, overrides, expected):
+    import itertools
+    cfg = experiment_config(name, f"checkpoint.storage_path={tmp_path}", *overrides)
+    space = cfg.tune.space
+    grid = [FakeResult(dict(zip(space, combo)), [0.5, 0.2], [0.6, 0.3]) for combo in itertools.product(*space.values())]
+    text = report(name, cfg, grid, f"python -m pipelines.experiments {name}").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    assert [(r[0][2:], r[1], r[6]) for r in rows] == expected
+    assert all(r[3:6] == ["20.00%", "30.00%", "30.00%"] for r in rows)  # final train, final val, best val
+    assert (tmp_path / name / "report" / "against_paper.png").stat().st_size > 10_000
 
 
 def test_the_degradation_claims_compare_the_last_three_epochs_training_error():

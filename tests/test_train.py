@@ -42,7 +42,7 @@ def epochs_logged(client, run_id) -> list[int]:
 
 
 def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session):
-    cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1")
+    cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1", "mlflow.system_metrics_s=1")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     first = load_state(fit(cfg).checkpoint)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before  # logging the models leaves no trace behind
@@ -58,7 +58,8 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
 
     # Started again with the same name and one more epoch: it begins at epoch 2. It decodes in the
     # workers this time (data.decode=gpu, on their CPUs here), which loses nothing either.
-    longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2", "data.decode=gpu")
+    longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2", "data.decode=gpu", "mlflow.system_metrics_s=1")
+    resumed_ms = time.time() * 1000
     result = fit(longer)
     second = load_state(result.checkpoint)
     assert [r["epoch"] for r in second["history"]] == [1, 2]
@@ -103,6 +104,17 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert tags["mlflow.source.git.commit"] == head.stdout.strip()
         assert tags["ray_resnet.git_dirty"] in ("true", "false")
+
+    # System metrics of rank 0's node, as MLflow's own monitor names them, from both starts; the
+    # resumed run's samples come after the first's (step: seconds since the run started)
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage",
+                 "disk_usage_percentage", "disk_available_megabytes", "network_receive_megabytes"):
+        samples = client.get_metric_history(run.info.run_id, f"system/{name}")
+        assert any(m.timestamp < resumed_ms for m in samples) and any(m.timestamp > resumed_ms for m in samples), name
+        steps = [m.step for m in sorted(samples, key=lambda m: m.timestamp)]
+        assert steps == sorted(steps) and steps[-1] > steps[0], (name, steps)
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert all(0 <= m.value <= 100 for m in cpu) and any(m.value > 0 for m in cpu)
 
 
 def test_two_ddp_workers_take_the_same_steps_as_one_worker_with_the_whole_batch(tmp_path, ray_session):

@@ -33,7 +33,8 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep-test",
                                # a learning rate too small to learn anything: ASHA's case to stop
                                "tune.space.model.depth=[8, 14]", "tune.space.optim.lr=[0.1, 0.00001]",
-                               "tune.max_concurrent_trials=null", "mlflow.register_model=grid-best"])
+                               "tune.max_concurrent_trials=null", "mlflow.register_model=grid-best",
+                               "mlflow.system_metrics_s=2"])
     rows, _ = sweep(cfg)  # two trials at once on the 5-CPU test cluster: MLflow through a local server
     assert len(rows) == 4 and not any(r["error"] for r in rows)
     assert {(r["model.depth"], r["optim.lr"]) for r in rows} == {(8, 0.1), (8, 1e-05), (14, 0.1), (14, 1e-05)}
@@ -49,6 +50,8 @@ def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_childr
     assert by_epochs == sorted(r["epochs"] for r in rows)             # every epoch each trial ran, once
     statuses = {c.info.run_name: c.info.status for c in children}  # a stopped trial's own FAILED once raced these
     assert set(statuses.values()) <= {"FINISHED", "KILLED"}, (statuses, rows)
+    for child in children:  # each trial's rank 0 node, through the sweep's driver
+        assert client.get_metric_history(child.info.run_id, "system/cpu_utilization_percentage"), child.info.run_name
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.csv", "results.md", "curves.png", "error_vs_depth.png", "config.yaml"}
     for child in children:  # a trial that ran all its epochs has its models, though ASHA stopped it at the last
