@@ -2,7 +2,8 @@
 manifests, the Dockerfile and the runtime env carry what matters (versions, GPUs, shared storage,
 Secrets, token auth, nothing public); the Grafana dashboard refers only to metrics this project or
 Ray exports; and cluster/local.sh starts three nodes that run a submitted one-epoch training and
-serve the project's gauges."""
+serve the project's gauges, which a real Prometheus, finding the nodes through Ray's
+service-discovery file, answers every dashboard query about."""
 import copy
 import json
 import os
@@ -14,9 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -267,7 +271,54 @@ def processes_under(prefix: str) -> list[int]:
     return pids
 
 
-def test_local_cluster_of_three_nodes_runs_a_submitted_training_and_serves_the_gauges(tmp_path):
+PROMETHEUS = shutil.which("prometheus")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="no prometheus binary: apt-get install prometheus (.ci/run installs it)")
+SCRAPE_S = 1  # Prometheus's scrape interval here: a one-epoch job's gauges live for seconds
+
+
+def start_prometheus(state: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """Prometheus with the config Ray writes for the head's session (the one `local.sh up` prints:
+    file_sd at Ray's service-discovery file), scraping every SCRAPE_S seconds."""
+    config = yaml.safe_load(Path(state, "n0/session_latest/metrics/prometheus/prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = f"{SCRAPE_S}s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port_block(1)}"
+    with open(tmp_path / "prometheus.log", "w") as log:
+        proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address={url.removeprefix('http://')}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=5)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError("prometheus did not start: " + (tmp_path / "prometheus.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+
+def prom(url: str, api: str, **params) -> list | dict:
+    """The data of Prometheus's HTTP API answer; ValueError with Prometheus's error if it has none."""
+    try:
+        body = urllib.request.urlopen(f"{url}/api/v1/{api}?{urllib.parse.urlencode(params)}", timeout=30).read()
+    except urllib.error.HTTPError as e:  # 400 / 422: a query that does not parse or evaluate
+        body = e.read()
+    answer = json.loads(body)
+    if answer["status"] != "success":
+        raise ValueError(f"{answer['errorType']}: {answer['error']}")
+    return answer["data"]
+
+
+@pytest.fixture(scope="module")
+def local3(tmp_path_factory):
+    """cluster/local.sh up with three nodes, a one-epoch training submitted to it (run.name local3)
+    and scraped while it runs (its nodes' endpoints, and a real Prometheus where one is installed),
+    then local.sh down: what the tests check, recorded."""
+    tmp_path = tmp_path_factory.mktemp("local3")
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "home"
     env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -278,58 +329,165 @@ def test_local_cluster_of_three_nodes_runs_a_submitted_training_and_serves_the_g
     port = free_port_block(30)
     local = [str(CLUSTER / "local.sh")]
     opts = ["--state", state]
+    run = SimpleNamespace(port=port, prometheus=None, ranks={})
+    prometheus = None
     try:
-        up = subprocess.run(local + ["up", "--workers", "2", "--port", str(port)] + opts, env=env,
-                            capture_output=True, text=True, timeout=300)
-        assert up.returncode == 0, up.stdout + up.stderr
-        status = subprocess.run(local + ["status"] + opts, env=env, capture_output=True, text=True, timeout=120)
-        assert "3 node(s) alive" in status.stdout, status.stdout + status.stderr
-        variables = dict(line.split("=", 1) for line in Path(state, "env").read_text().splitlines())
-        address, metrics = variables["RAY_ADDRESS"], variables["RAY_RESNET_LOCAL_METRICS"].split()
-        assert address == f"http://127.0.0.1:{port + 1}" and len(metrics) == 3
+        try:
+            up = subprocess.run(local + ["up", "--workers", "2", "--port", str(port)] + opts, env=env,
+                                capture_output=True, text=True, timeout=300)
+            assert up.returncode == 0, up.stdout + up.stderr
+            status = subprocess.run(local + ["status"] + opts, env=env, capture_output=True, text=True, timeout=120)
+            assert "3 node(s) alive" in status.stdout, status.stdout + status.stderr
+            variables = dict(line.split("=", 1) for line in Path(state, "env").read_text().splitlines())
+            run.address, run.metrics = variables["RAY_ADDRESS"], variables["RAY_RESNET_LOCAL_METRICS"].split()
+            provisioning = yaml.safe_load(Path(state, "n0/session_latest/metrics/grafana/provisioning/dashboards/"
+                                               "default.yml").read_text())
+            run.dashboards = {p.name for p in Path(provisioning["providers"][0]["options"]["path"]).iterdir()}
+            run.session = Path(state, "n0/session_latest").resolve().name  # the series' SessionName
+            if PROMETHEUS:
+                prometheus, run.prometheus = start_prometheus(state, tmp_path)
 
-        # Ray provisions its dashboards' folder for Grafana, and ours is in it
-        provisioning = yaml.safe_load(Path(state, "n0/session_latest/metrics/grafana/provisioning/dashboards/"
-                                           "default.yml").read_text())
-        folder = Path(provisioning["providers"][0]["options"]["path"])
-        assert {"default_grafana_dashboard.json", "ray_resnet_grafana_dashboard.json"} <= {p.name for p in folder.iterdir()}
+            # Each rank's gauges on its own node's Prometheus endpoint, scraped while the job runs: Ray
+            # drops a gauge a few seconds after the process that set it ends
+            def scrape_gauges():
+                for url in run.metrics:
+                    scrape = urllib.request.urlopen(url, timeout=30).read().decode()
+                    for gauge in project_gauges():
+                        for labels in re.findall(rf'^{gauge}\{{(.*?)\}} \S+$', scrape, re.M):
+                            if 'run="local3"' in labels:
+                                run.ranks.setdefault(gauge, {})[re.search(r'rank="(\d+)"', labels).group(1)] = url
 
-        # Each rank's gauges on its own node's Prometheus endpoint, scraped while the job runs: Ray
-        # drops a gauge a few seconds after the process that set it ends
-        ranks = {}
-
-        def scrape_gauges():
-            for url in metrics:
-                scrape = urllib.request.urlopen(url, timeout=30).read().decode()
-                for gauge in project_gauges():
-                    for labels in re.findall(rf'^{gauge}\{{(.*?)\}} \S+$', scrape, re.M):
-                        if 'run="local3"' in labels:
-                            ranks.setdefault(gauge, {})[re.search(r'rank="(\d+)"', labels).group(1)] = url
-
-        for _ in range(30):  # `up` waits for the head's agent; a retry covers a slow registration
-            job = subprocess.Popen(
-                [bin_dir / "ray", "job", "submit", "--address", address, "--runtime-env", f"{state}/runtime_env.yaml",
-                 "--", "python", "-m", "pipelines.train", "--config", "ray_config.yaml", "model.depth=8",
-                 "schedule.epochs=1", "schedule.milestones=[]", "data.batch_size=64", "data.shuffle_buffer=256",
-                 "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "run.name=local3"],
-                cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            deadline = time.time() + 400
-            while job.poll() is None and time.time() < deadline:
-                scrape_gauges()
+            started = time.time()
+            for _ in range(30):  # `up` waits for the head's agent; a retry covers a slow registration
+                job = subprocess.Popen(
+                    [bin_dir / "ray", "job", "submit", "--address", run.address, "--runtime-env",
+                     f"{state}/runtime_env.yaml", "--", "python", "-m", "pipelines.train", "--config",
+                     "ray_config.yaml", "model.depth=8", "schedule.epochs=1", "schedule.milestones=[]",
+                     "data.batch_size=64", "data.shuffle_buffer=256", "scaling.num_workers=2",
+                     "scaling.placement_strategy=STRICT_SPREAD", "run.name=local3"],
+                    cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                deadline = time.time() + 400
+                while job.poll() is None and time.time() < deadline:
+                    scrape_gauges()
+                    time.sleep(2)
+                run.log = job.communicate(timeout=30)[0]
+                if "No available agent" not in run.log:
+                    break
                 time.sleep(2)
-            log = job.communicate(timeout=30)[0]
-            if "No available agent" not in log:
-                break
-            time.sleep(2)
-        assert job.returncode == 0 and "succeeded" in log, log[-3000:]
-        assert "2 workers on 2 node(s)" in log, log[-3000:]  # STRICT_SPREAD: one worker per node
-        assert list((home / "runs" / "local3").glob("checkpoint_*"))  # under the nodes' RAY_RESNET_HOME
-        assert set(ranks) == project_gauges(), ranks
-        for gauge, where in ranks.items():
-            assert set(where) == {"0", "1"} and len(set(where.values())) == 2, (gauge, where)
+            run.job_returncode, run.window = job.returncode, (started, time.time())
+            run.checkpoints = list((home / "runs" / "local3").glob("checkpoint_*"))  # the nodes' RAY_RESNET_HOME
+            if prometheus:
+                run.targets = prom(run.prometheus, "targets", state="active")["activeTargets"]
+        finally:
+            run.down = subprocess.run(local + ["down"] + opts, env=env, capture_output=True, text=True, timeout=180)
+            run.left = processes_under(state + "/")
+            shutil.rmtree(state, ignore_errors=True)
+        # Prometheus keeps the job's series after `down`: the dashboard's queries run over its window
+        yield run
     finally:
-        down = subprocess.run(local + ["down"] + opts, env=env, capture_output=True, text=True, timeout=180)
-        left = processes_under(state + "/")
-        shutil.rmtree(state, ignore_errors=True)
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert not left, f"processes left running: {left}"
+        if prometheus:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+
+
+def test_local_cluster_of_three_nodes_runs_a_submitted_training_and_serves_the_gauges(local3):
+    assert local3.address == f"http://127.0.0.1:{local3.port + 1}" and len(local3.metrics) == 3
+    # Ray provisions its dashboards' folder for Grafana, and ours is in it
+    assert {"default_grafana_dashboard.json", "ray_resnet_grafana_dashboard.json"} <= local3.dashboards
+    assert local3.job_returncode == 0 and "succeeded" in local3.log, local3.log[-3000:]
+    assert "2 workers on 2 node(s)" in local3.log, local3.log[-3000:]  # STRICT_SPREAD: one worker per node
+    assert local3.checkpoints
+    assert set(local3.ranks) == project_gauges(), local3.ranks
+    for gauge, where in local3.ranks.items():
+        assert set(where) == {"0", "1"} and len(set(where.values())) == 2, (gauge, where)
+    assert local3.down.returncode == 0, local3.down.stdout + local3.down.stderr
+    assert not local3.left, f"processes left running: {local3.left}"
+
+
+def grafana_regex_escape(value: str) -> str:
+    """Grafana's prometheusSpecialRegexEscape: a chosen value of a multi-value or All variable,
+    inside a PromQL string that is a regex."""
+    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m[0], value.replace("\\", "\\\\\\\\"))
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """Grafana's $name and ${name}; one it does not know stays as written, to be caught."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m[1] or m[2], m[0]), text)
+
+
+def dashboard_queries(run) -> list[tuple[str, str, bool]]:
+    """(panel title, expression as Grafana sends it, whether it reads Ray's GPU metrics) for each
+    query of the shipped dashboard, its variables resolved as Grafana resolves them through
+    Prometheus: SessionName the cluster's session, Run the job's run, every other one All."""
+    dashboard = json.loads((CLUSTER / "grafana" / "ray_resnet_grafana_dashboard.json").read_text())
+    start, end = run.window
+    # Grafana's built-ins for a data source with this scrape interval, at a step of one scrape:
+    # $__interval the step, $__rate_interval max(step + scrape interval, 4 scrape intervals)
+    values = {"__interval": f"{SCRAPE_S}s", "__rate_interval": f"{4 * SCRAPE_S}s"}
+    chosen = {"SessionName": run.session, "Run": "local3"}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":  # the datasource: panels' data source, in no expression
+            continue
+        name, query = variable["name"], expand(variable["query"]["query"], values)
+        label_values = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", query)
+        assert label_values, f"variable {name}: {query} is not label_values(...)"
+        params = {"start": start, "end": end, **({"match[]": label_values[1]} if label_values[1] else {})}
+        options = prom(run.prometheus, f"label/{label_values[2]}/values", **params)
+        if name in chosen:
+            assert chosen[name] in options, f"variable {name} ({query}) offers {options}, not {chosen[name]}"
+            values[name] = grafana_regex_escape(chosen[name])
+        else:
+            assert options, f"variable {name} ({query}) offers nothing"
+            values[name] = variable.get("allValue") or "(" + "|".join(map(grafana_regex_escape, options)) + ")"
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = expand(target["expr"], values)
+            assert "$" not in expr, f"{panel['title']}: a variable Grafana would fill in is left: {expr}"
+            queries.append((panel["title"], expr, any(re.match(r"ray_node_(gpus|gram)_", m)
+                                                      for m in metric_names(target["expr"]))))
+    return queries
+
+
+def unanswered(run, queries: list[tuple[str, str, bool]]) -> list[str]:
+    """'title: expression: why' for each query that fails to parse or evaluate, returns no series
+    over the job's run, or returns one that is not the job's run or one of the cluster's nodes."""
+    nodes = {url.split("/")[2] for url in run.metrics}
+    failed = []
+    for title, expr, _ in queries:
+        try:
+            series = prom(run.prometheus, "query_range", query=expr, start=run.window[0], end=run.window[1],
+                          step=SCRAPE_S)["result"]
+        except ValueError as e:
+            failed.append(f"{title}: {expr}: {e}")
+            continue
+        strangers = [s["metric"] for s in series if s["metric"].get("run") not in {None, "local3"}
+                     or s["metric"].get("instance") not in nodes | {None}]
+        if not series or strangers:
+            failed.append(f"{title}: {expr}: {'series of another run or node: ' + str(strangers) if series else 'no series'}")
+    return failed
+
+
+@needs_prometheus
+def test_prometheus_on_rays_service_discovery_answers_every_dashboard_query_for_the_running_job(local3):
+    assert local3.job_returncode == 0, local3.log[-3000:]
+    # Ray's service-discovery file names every node's metrics endpoint, and Prometheus scrapes them
+    scraped = {t["scrapeUrl"] for t in local3.targets if t["health"] == "up"}
+    assert set(local3.metrics) <= scraped, local3.targets
+    cpu_queries = [q for q in dashboard_queries(local3) if not q[2]]
+    assert cpu_queries
+    failed = unanswered(local3, cpu_queries)
+    assert not failed, "dashboard queries without an answer:\n" + "\n".join(failed)
+
+
+@needs_prometheus
+def test_the_dashboards_gpu_queries_answer_where_the_cluster_has_gpus(local3):
+    resources = prom(local3.prometheus, "query_range", query=f'ray_resources{{SessionName="{local3.session}"}}',
+                     start=local3.window[0], end=local3.window[1], step=SCRAPE_S)["result"]
+    assert any(s["metric"].get("Name") == "CPU" for s in resources)  # the metric that would show GPUs
+    gpu_queries = [q for q in dashboard_queries(local3) if q[2]]
+    if not any(s["metric"].get("Name") == "GPU" for s in resources):
+        pytest.skip("no GPU in the cluster (Ray's ray_resources has none), so no GPU metric: not checked: "
+                    + "; ".join(sorted({title for title, _, _ in gpu_queries})))
+    failed = unanswered(local3, gpu_queries)
+    assert not failed, "GPU dashboard queries without an answer:\n" + "\n".join(failed)
