@@ -2,8 +2,9 @@
 and a closing summary. Ray's own lines stay in Ray's log files unless run.verbose.
 
 Rank 0 does not print: it sends its lines and progress to the driver through a Ray queue, and the
-driver prints them (other kinds of message, such as system metrics, go to the Console's handlers) (a worker's stdout reaches the console only through Ray's log forwarding,
-which brings every other process's lines with it).
+driver prints them (a worker's stdout reaches the console only through Ray's log forwarding,
+which brings every other process's lines with it). Other kinds of message (rank 0's system
+metrics) go to the Console's handlers.
 
     with Console(cfg.run.progress_s) as console:        # the driver: prints what arrives
         ... train_loop_config={"console": console.channel(), ...}
