@@ -12,7 +12,9 @@ epoch never mixes with the next attempt's):
 Every file is read with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts
 only, so a file planted in the storage path cannot run code in the workers that resume from it.
 Beside the checkpoints, a run directory holds small text files (config.yaml, mlflow_run_id):
-read_text / save_text, on a local path or an s3:// / gs:// URI.
+read_text / save_text, on a local path or an s3:// / gs:// URI. Every function here that takes a
+place takes a URI, or the (filesystem, path) that pipelines.shards.fs_and_path made of one on the
+driver: that is what travels to Ray's processes, whose environment may lack the driver's settings.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ import pyarrow.fs
 import torch
 
 from pipelines.config import ConfigError
+from pipelines.shards import fs_and_path
+
+Place = str | tuple[pyarrow.fs.FileSystem, str]  # a URI, or fs_and_path's (filesystem, path) of one
+
+
+def _fs(where: Place) -> tuple[pyarrow.fs.FileSystem, str]:
+    return where if isinstance(where, tuple) else fs_and_path(where)
 
 FORMAT = "ray-resnet-checkpoint/1"
 # What training writes into state.pt, and what reading a model back needs of it.
@@ -64,9 +73,10 @@ def tensor_bytes(obj) -> int:
 
 def check_space(uri: str, need: int) -> None:
     """Refuse to train an epoch whose checkpoint cannot be written: a local (or mounted) storage
-    path with less than `need` bytes free. Object storage has no such limit to check."""
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+    path with less than `need` bytes free. Object storage has no such limit to check (and this
+    runs in a worker, which builds no filesystem for it)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
         while not Path(path).exists():  # not made yet: the filesystem it will be made on
             path = str(Path(path).parent)
         free = shutil.disk_usage(path).free
@@ -202,16 +212,17 @@ def find_checkpoint(path: str) -> tuple[dict, str]:
 # ---------------------------------------------------------------------------------------------
 # Small files beside a run's checkpoints: local paths or s3:// / gs:// URIs
 
-def save_text(uri: str, name: str, text: str) -> None:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(path, recursive=True)
+def save_text(uri: Place, name: str, text: str) -> None:
+    fs, path = _fs(uri)
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):  # an object store has no folders to make
+        fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{name}") as f:
         f.write(text.encode())
 
 
-def read_text(uri: str, name: str) -> str | None:
+def read_text(uri: Place, name: str) -> str | None:
     """The file's text, or None when it is not there."""
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs, path = _fs(uri)
     try:
         with fs.open_input_stream(f"{path}/{name}") as f:
             return f.read().decode()
@@ -219,8 +230,8 @@ def read_text(uri: str, name: str) -> str | None:
         return None
 
 
-def remove_checkpoints(uri: str, names: list[str]) -> None:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+def remove_checkpoints(uri: Place, names: list[str]) -> None:
+    fs, path = _fs(uri)
     for name in names:
         try:
             fs.delete_dir(f"{path}/{name}")
@@ -228,17 +239,17 @@ def remove_checkpoints(uri: str, names: list[str]) -> None:
             pass
 
 
-def discarded_checkpoints(uri: str, epoch: int, kept: str) -> list[str]:
+def discarded_checkpoints(uri: Place, epoch: int, kept: str) -> list[str]:
     """The checkpoint directories of epoch `epoch` or later besides `kept`, which Ray Train has just
     registered for that epoch: copies from an attempt a failure discarded (a worker lost after
     writing its checkpoint but before Ray Train registered it), which nothing resumes from."""
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs, path = _fs(uri)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name != kept
             and (m := NAMED.match(i.base_name)) and int(m.group(1)) >= epoch]
 
 
-def has_checkpoints(uri: str) -> bool:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+def has_checkpoints(uri: Place) -> bool:
+    fs, path = _fs(uri)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)

@@ -186,6 +186,10 @@ class CheckpointSection(Section):
 class MlflowSection(Section):
     tracking_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else SQLite under HOME
     experiment: str = Field("ray-resnet", min_length=1)
+    # Where a new experiment keeps its artifacts (models, curves, config.yaml), e.g. s3://bucket/mlflow
+    # (MLflow writes s3:// with boto3: pip install 'ray-resnet[s3]'). None: beside the SQLite store,
+    # or the tracking server's default. MLflow fixes it when it creates the experiment.
+    artifact_location: str | None = Field(None, min_length=1)
     register_model: str | None = None        # a name: the run's best model (a sweep's: its best trial's)
                                              # becomes a new version of this registered model
     model_alias: str | None = None           # e.g. champion: moved to that version

@@ -6,9 +6,13 @@ check_shards). Output:
     DIR/val/part-00000.parquet ...
     DIR/manifest.json                  classes, rows and SHA-256 per shard, options, every skipped file
 
+DIR may be an s3:// (or gs://) URI: fs_and_path, the one place filesystems are built, says where
+the endpoint and credentials come from.
+
 Nothing is lost or corrupted: each shard is written under a temporary name and renamed when
-complete; a rerun after a kill writes only the missing shards, and the result is byte-identical to
-an uninterrupted run. Unreadable files are skipped and listed with their reason; they never stop a run.
+complete (in an object store it appears when its upload completes); a rerun after a kill writes
+only the missing shards, and the result is byte-identical to an uninterrupted run. Unreadable files
+are skipped and listed with their reason; they never stop a run.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import random
@@ -380,34 +385,72 @@ def _write_shard(out: str, split: str, index: int, items: list[Item], root: str 
     name = f"{split}/part-{index:05d}.parquet"
     meta = {"file": name, "rows": n, "bytes": blob.size,
             "sha256": hashlib.sha256(blob).hexdigest(), "skipped": skipped}
-    final = Path(out) / name
-    _atomic_write(Path(out) / ".progress" / f"{split}-{index:05d}.json", json.dumps(meta).encode())
-    _atomic_write(final, blob)  # the shard appears only when whole, after its record
+    store = Output(out)
+    store.write(f".progress/{split}-{index:05d}.json", json.dumps(meta).encode())
+    store.write(name, blob)  # the shard appears only when whole, after its record
     return meta
 
 
-def _atomic_write(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class Output:
+    """The writer's DIR: a local directory, where each file is written under a temporary name and
+    renamed when whole, or an s3:// / gs:// prefix, where an object appears only once its upload
+    has completed (a killed upload leaves nothing). Either way a file is there whole or not at all."""
+
+    def __init__(self, out: str):
+        self.uri = out.rstrip("/")
+        self.fs, self.root = fs_and_path(self.uri)
+        self.local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def prepare(self) -> None:
+        """Local: the folders, and no temporary files of a killed run (object stores have neither)."""
+        if not self.local:
+            return
+        for d in (".progress", *SPLITS):
+            Path(self.root, d).mkdir(parents=True, exist_ok=True)
+        for s in SPLITS:
+            for tmp in Path(self.root, s).glob(".*.tmp-*"):
+                tmp.unlink()
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{name}") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        info = self.fs.get_file_info(f"{self.root}/{name}")
+        return info.size if info.type == pyarrow.fs.FileType.File else None
+
+    def write(self, name: str, data) -> None:
+        if not self.local:
+            with self.fs.open_output_stream(f"{self.root}/{name}") as f:
+                f.write(data)
+            return
+        path = Path(self.root, name)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
-def _done(out: Path, split: str, index: int) -> dict | None:
+def _done(out: Output, split: str, index: int) -> dict | None:
     """The record of a shard finished by an earlier run, if the shard is there in full."""
     try:
-        meta = json.loads((out / ".progress" / f"{split}-{index:05d}.json").read_text())
-        return meta if (out / meta["file"]).stat().st_size == meta["bytes"] else None
+        meta = json.loads(out.read(f".progress/{split}-{index:05d}.json") or b"")
+        return meta if out.size(meta["file"]) == meta["bytes"] else None
     except (OSError, ValueError, KeyError):
         return None
 
 
 def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options(),
                  workers: int = 1, progress=sys.stderr) -> dict:
-    """Write (or finish writing) DIR's shards and manifest; returns the manifest."""
-    out = Path(out)
+    """Write (or finish writing) DIR's shards and manifest; returns the manifest. DIR is a local
+    path or an s3:// / gs:// URI (fs_and_path says where the credentials come from)."""
+    store = Output(str(out))
+    out = store.uri
     t0 = time.perf_counter()
     shards = plan(source, opts)
     # What decides the bytes: a resume must match it exactly, labels and class list included.
@@ -416,18 +459,20 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
                     {"classes": source.classes,
                      **{s: [[(i.key, i.label) for i in shard] for shard in shards[s]] for s in SPLITS}}
                 ).encode()).hexdigest()}
-    for d in (out / ".progress", *(out / s for s in SPLITS)):
-        d.mkdir(parents=True, exist_ok=True)
-    plan_file = out / ".progress" / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != identity:
+    try:
+        store.prepare()
+        planned = store.read(".progress/plan.json")
+    except OSError as e:  # an object store: no such bucket, credentials refused
+        raise ShardError(f"{out}: cannot use it ({str(e).splitlines()[0]}){storage_hint(out)}") from None
+    if planned is not None and json.loads(planned) != identity:
         raise ShardError(f"{out}: holds shards written from another source or with other options "
-                         f"(see {plan_file}); rerun with the same ones to resume, or use a new --out")
-    _atomic_write(plan_file, json.dumps(identity, indent=1).encode())
-    for s in SPLITS:  # temporary files of a killed run
-        for tmp in (out / s).glob(".*.tmp-*"):
-            tmp.unlink()
+                         f"(see {out}/.progress/plan.json); rerun with the same ones to resume, or use a new --out")
+    try:
+        store.write(".progress/plan.json", json.dumps(identity, indent=1).encode())
+    except OSError as e:
+        raise ShardError(f"{out}: cannot write there ({str(e).splitlines()[0]}){storage_hint(out)}") from None
 
-    metas = {s: [_done(out, s, i) for i in range(len(shards[s]))] for s in SPLITS}
+    metas = {s: [_done(store, s, i) for i in range(len(shards[s]))] for s in SPLITS}
     todo = [(s, i) for s in SPLITS for i, m in enumerate(metas[s]) if m is None]
     total = sum(len(shard) for s in SPLITS for shard in shards[s])
     bar = _Progress(total, sum(len(shards[s][i]) for s in SPLITS for i, m in enumerate(metas[s]) if m),
@@ -438,7 +483,9 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
             metas[s][i] = _write_shard(str(out), s, i, shards[s][i], source.root, class_ids, opts)
             bar.advance(len(shards[s][i]))
     else:  # one task per shard: each carries only its own items
-        pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
+        # pyarrow's S3 client (the AWS SDK) does not survive a fork once started: spawned processes there
+        pool = ProcessPoolExecutor(workers, initializer=_die_with_parent,
+                                   mp_context=None if store.local else multiprocessing.get_context("spawn"))
         try:
             futures = {pool.submit(_write_shard, str(out), s, i, shards[s][i], source.root,
                                    class_ids, opts): (s, i) for s, i in todo}
@@ -459,7 +506,7 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
         "skipped": [x for s in SPLITS for m in metas[s] for x in m["skipped"]],
         "ignored": source.ignored,
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    store.write("manifest.json", json.dumps(manifest, indent=1).encode())  # last: the shards are all there
     manifest_summary(manifest, time.perf_counter() - t0, progress)
     return manifest
 
@@ -524,10 +571,37 @@ def manifest_summary(manifest: dict, seconds: float, stream) -> None:
 # Reading the format back: the manifest and the shards it lists, checked
 
 def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """A local path, or an s3:// / gs:// URI (clusters keep shards on shared storage)."""
+    """(filesystem, path) of a local path or an s3:// / gs:// URI: the one place this project
+    builds a filesystem, for shards, checkpoints and the files beside them, and Ray Train's storage.
+
+    s3://: pyarrow takes the endpoint, region and credentials from the standard AWS settings
+    (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible store, AWS_REGION or
+    AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, else a
+    profile or the machine's role). Keys from this process's environment are put into the
+    filesystem itself: Ray's processes that get it (Train's controller and workers, Data's read
+    tasks) then use them without having them in their own environment, and no runtime env, which
+    Ray shows on its dashboard and logs, ever holds them. Without such keys each process finds its
+    own (a node's role).
+    """
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if isinstance(fs, pyarrow.fs.S3FileSystem) and key and secret:
+        _, (options,) = fs.__reduce__()  # what pyarrow resolved (endpoint, region, ...): its pickled form
+        fs = pyarrow.fs.S3FileSystem(**{**options, "access_key": key, "secret_key": secret,
+                                        "session_token": os.environ.get("AWS_SESSION_TOKEN") or None})
+    return fs, path
+
+
+def storage_hint(uri: str) -> str:
+    """For an s3:// URI, what decides where its requests go and with which credentials (an error's
+    tail: '; ...'); nothing for other paths."""
+    if not uri.startswith("s3://"):
+        return ""
+    return ("; check that the bucket exists and the credentials may use it: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the machine's role), and AWS_ENDPOINT_URL for an "
+            "S3-compatible store")
 
 
 def load_manifest(shards_dir: str) -> dict:
@@ -535,9 +609,12 @@ def load_manifest(shards_dir: str) -> dict:
     try:
         with fs.open_input_stream(f"{root}/manifest.json") as f:
             manifest = json.loads(f.read())
-    except (FileNotFoundError, OSError) as e:
+    except FileNotFoundError as e:
         raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({e}); write the shards with "
                          "python -m pipelines.shards, or finish that run by running it again") from None
+    except OSError as e:  # an object store that refused: no such bucket, credentials, endpoint
+        raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({str(e).splitlines()[0]})"
+                         f"{storage_hint(shards_dir) or '; check the path and its permissions'}") from None
     except ValueError as e:
         raise ShardError(f"{shards_dir}/manifest.json: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
@@ -592,7 +669,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, choices=["imagenet", "folder", "cifar10", "digits"])
     p.add_argument("--root", type=Path, help="the dataset on disk (not needed for digits)")
-    p.add_argument("--out", type=Path, required=True, help="the shard directory to write or resume")
+    p.add_argument("--out", required=True,
+                   help="the shard directory to write or resume: a path, or an s3:// / gs:// URI")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rows-per-shard", type=int)
     g.add_argument("--shard-mb", type=float, default=Options.shard_mb, help="target shard size (default %(default)s)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import torch
 
 import resnet_models
 from pipelines.checkpoint import read_text, save_text
-from pipelines.config import HOME, Config, SetupError
+from pipelines.config import HOME, Config, ConfigError, SetupError
 from pipelines.plots import curves_png
 from pipelines.ray_internals import job_submission_id
 from pipelines.runtime import free_port
@@ -50,24 +51,37 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed. With the embedded SQLite store the artifacts go
-    beside it under RAY_RESNET_HOME, not into the working directory (a temporary copy under
-    `ray job submit`)."""
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it if needed, with its artifacts at artifact_location (config
+    mlflow.artifact_location). Without one, with the embedded SQLite store the artifacts go beside
+    it under RAY_RESNET_HOME, not into the working directory (a temporary copy under `ray job submit`)."""
     if uri.startswith("sqlite:"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = mlflow_client(uri)
     found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    location = (HOME / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by another process
-        found = client.get_experiment_by_name(name)
-        if found:
-            return found.experiment_id
-        raise
+    if not found:
+        location = artifact_location or ((HOME / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None)
+        try:
+            found = client.get_experiment(client.create_experiment(name, artifact_location=location))
+        except Exception:  # created meanwhile by another process
+            found = client.get_experiment_by_name(name)
+            if not found:
+                raise
+    if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        raise ConfigError(f"mlflow.artifact_location={artifact_location}: the experiment {name} keeps its "
+                          f"artifacts at {found.artifact_location} (MLflow fixes that when it creates an "
+                          f"experiment); set mlflow.artifact_location to that or null, or choose a new mlflow.experiment")
+    return checked_experiment(found)
+
+
+def checked_experiment(experiment) -> str:
+    """The experiment's id, once this process can write its artifacts: MLflow writes s3:// locations
+    itself, through boto3, an optional package (shards and checkpoints go through pyarrow)."""
+    if experiment.artifact_location.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise SetupError(f"MLflow experiment {experiment.name} keeps its artifacts at "
+                         f"{experiment.artifact_location}, which MLflow writes with boto3, not installed "
+                         "here: pip install -c constraints.txt 'ray-resnet[s3]' (or boto3)")
+    return experiment.experiment_id
 
 
 def flat_params(raw: dict, prefix: str = "") -> dict[str, str]:

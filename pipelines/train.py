@@ -38,7 +38,7 @@ from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_o
                               unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, start_ray
-from pipelines.shards import ShardError, check_shards, load_manifest
+from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_hint
 from pipelines.tracking import (EpochLog, Gauges, SystemMetricsLog, SystemSampler, ensure_experiment, flat_params,
                                 log_lineage, log_models, mlflow_client, open_run, quiet_mlflow, ui_command)
 from resnet_models import build_model, model_stats
@@ -241,8 +241,8 @@ class LogEpochs(UserCallback):
     epoch; that first attempt is never logged, and its checkpoint is deleted here when the retrained
     epoch is registered. A row MLflow does not take now is logged by fit at the end."""
 
-    def __init__(self, uri: str, run_id: str, run_dir: str):
-        self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None
+    def __init__(self, uri: str, run_id: str, run_dir):
+        self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None  # run_dir: fs_and_path's
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if checkpoint is None:
@@ -301,14 +301,16 @@ def preflight(cfg: Config) -> dict:
         save_text(cfg.run_dir, "config.yaml", cfg.to_yaml())
     except OSError as e:
         raise ConfigError(f"checkpoint.storage_path={cfg.checkpoint.storage_path}: cannot write "
-                          f"{cfg.run_dir}/config.yaml ({e}); give a writable local path or an "
-                          "s3:// / gs:// URI") from None
+                          f"{cfg.run_dir}/config.yaml ({str(e).splitlines()[0]}); give a writable local path or an "
+                          f"s3:// / gs:// URI{storage_hint(cfg.run_dir)}") from None
 
     uri = cfg.mlflow.resolved_uri()
     if not cfg.run.verbose:
         quiet_mlflow()
     try:
-        experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
+        experiment_id = ensure_experiment(uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
+    except (ConfigError, SetupError):
+        raise
     except Exception as e:  # a server that does not answer, a store another MLflow version wrote
         raise SetupError(f"mlflow.tracking_uri={uri}: cannot use the tracking store "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
@@ -345,7 +347,10 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
                 info.pop("description"))
     sc = cfg.scaling
     client = mlflow_client(info["mlflow_uri"])
-    log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], cfg.run_dir)
+    # One filesystem for the run's storage, built here: Ray Train's controller and workers and this
+    # callback use it, with this process's settings (fs_and_path), whatever their environment holds.
+    storage_fs, storage_path = fs_and_path(cfg.checkpoint.storage_path)
+    log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], fs_and_path(cfg.run_dir))
     with contextlib.ExitStack() as stack:
         if console is None:  # this run's own, with its system metrics (a sweep's trials: the sweep's)
             system = stack.enter_context(SystemMetricsLog(info["mlflow_uri"]))
@@ -359,7 +364,7 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
                                                                   if sc.gpus_per_worker else {})},
                                          placement_strategy=sc.placement_strategy),
             run_config=RunConfig(
-                name=cfg.run.name, storage_path=cfg.checkpoint.storage_path,
+                name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_best,
                                                    checkpoint_score_attribute="val_error",
                                                    checkpoint_score_order="min"),

@@ -31,6 +31,7 @@ from pipelines.console import Console
 from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
+from pipelines.shards import fs_and_path
 from pipelines.tracking import (SystemMetricsLog, ensure_experiment, local_tracking_server, log_models, mlflow_client,
                                open_sweep_run, quiet_mlflow, register)
 from pipelines.train import fit
@@ -86,7 +87,7 @@ def run_trial(config: dict, console: dict | None = None) -> None:
 def log_trial_models(cfg: Config, uri: str) -> None:
     """A finished trial's best and final models into its MLflow run, from its checkpoints (once:
     log_models passes over a run that has them)."""
-    fs, path = pyarrow.fs.FileSystem.from_uri(cfg.run_dir)
+    fs, path = fs_and_path(cfg.run_dir)
     found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     states = []
     for info in found:
@@ -210,7 +211,7 @@ def sweep(cfg: Config):
     if limit > 1 and uri.startswith("sqlite:"):
         # The experiment made over SQLite first: its runs then keep file artifact paths, which
         # resolve after the server is gone (a server would make them mlflow-artifacts:/ URIs).
-        ensure_experiment(uri, cfg.mlflow.experiment)
+        ensure_experiment(uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
         uri, server = local_tracking_server(uri)
         print(f"{limit} trials at once: MLflow through a local server at {uri} over {cfg.mlflow.resolved_uri()}")
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
@@ -230,7 +231,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     client = mlflow_client(uri)
-    experiment_id = ensure_experiment(uri, cfg.mlflow.experiment)
+    experiment_id = ensure_experiment(uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
     directory = sweep_dir(cfg)
     parent = open_sweep_run(cfg, uri, experiment_id, directory)
 

@@ -1,0 +1,176 @@
+"""Object storage: shards written to s3://, a training that reads them there, checkpoints there,
+resumes from them after a kill, and keeps its MLflow artifacts there; against moto's S3 server on
+127.0.0.1, which here checks every request's signature, so credentials that do not reach a process
+fail it. The secret key never shows: not on the console, in Ray's logs, MLflow or the bucket."""
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.fs
+import pytest
+import torch
+
+from pipelines.config import HOME, ConfigError, DataSection, load_config
+from pipelines.runtime import free_port
+from tests.conftest import CONFIG
+from tests.test_train import SMALL, epochs_logged
+
+BUCKET = "ray-resnet"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server in a process of its own, on a free port of 127.0.0.1, that checks signatures
+    (INITIAL_NO_AUTH_ACTION_COUNT: its first 3 requests make the user, its key and its policy; every
+    later one must be signed with that key). Yields the endpoint, the key and the AWS variables a
+    process needs to use it."""
+    import boto3
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:  # up when it takes connections (a request would count as one of the 3)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url,
+               "AWS_EC2_METADATA_DISABLED": "true"}  # no credentials looked for on a cloud's metadata service
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                              aws_secret_access_key=key["SecretAccessKey"])
+        client.create_bucket(Bucket=BUCKET)
+        yield SimpleNamespace(url=url, secret=key["SecretAccessKey"], env=env, client=client)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def objects(s3, prefix: str = "") -> dict[str, bytes]:
+    """Every object in the bucket under prefix, by key."""
+    out = {}
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"]] = s3.client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+    return out
+
+
+def test_a_training_reads_its_shards_from_s3_checkpoints_there_resumes_after_a_kill_and_logs_artifacts_there(
+        s3, tmp_path, ray_session, run_cli, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+    from pipelines.data import shards_dir
+    from pipelines.shards import Options, check_shards, fs_and_path, load_digits_source, load_manifest, write_shards
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+
+    # The shard writer writes the bundled digits straight to the bucket (2 processes), the same
+    # bytes as on a local disk: the manifest's checksums hold there.
+    shards = f"s3://{BUCKET}/shards/digits"
+    written = write_shards(load_digits_source(32, 0), shards, Options(rows_per_shard=512), workers=2, progress=None)
+    local = load_manifest(shards_dir(DataSection()))  # written locally with the same options
+    assert written["splits"] == local["splits"] and load_manifest(shards) == written
+    for split in ("train", "val"):
+        check_shards(shards, split, verify="sha256")
+
+    # The session's Ray never had the credentials in its environment: the job's processes get them
+    # only inside the filesystem the driver builds (pipelines.shards.fs_and_path). One worker: DDP is
+    # not what this tests. The session's MLflow store: made once (a new one takes seconds).
+    store = f"sqlite:///{HOME}/mlflow.db"
+    args = ["--config", str(CONFIG), *SMALL, "run.name=s3run", "schedule.epochs=2", "scaling.num_workers=1",
+            f"data.shards={shards}", f"checkpoint.storage_path=s3://{BUCKET}/runs", f"mlflow.tracking_uri={store}",
+            f"mlflow.artifact_location=s3://{BUCKET}/mlflow", "mlflow.experiment=s3", "run.progress_s=0"]
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    started = time.time()
+    proc = run_cli("pipelines.train", *args, env=env, wait=False)
+    fs, runs = fs_and_path(f"s3://{BUCKET}/runs/s3run")
+    deadline = time.time() + 300
+    # Ray Train has registered epoch 1's checkpoint once its snapshot (in the bucket) names it
+    while fs.get_file_info(f"{runs}/checkpoint_manager_snapshot.json").size is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # Ray ends the dead driver's job: its controller and workers
+    first = proc.communicate()[0]
+    assert "epochs 1..2" in first, first[-3000:]
+
+    second = run_cli("pipelines.train", *args, env=env, timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"resuming run s3run from its latest checkpoint in s3://{BUCKET}/runs/s3run" in out, out[-3000:]
+    assert re.search(r"epochs 2\.\.2 \(resumed\)", out), out[-3000:]
+    assert not (tmp_path / "home").exists()  # no local copy of the shards, no local run folder
+
+    kept = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(runs))
+                  if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    with fs.open_input_stream(f"{kept[-1]}/state.pt") as f:
+        state = torch.load(io.BytesIO(f.read()), weights_only=True)
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+
+    client = MlflowClient(store)
+    run = client.get_run(state["mlflow_run_id"])  # the first run's MLflow run, continued
+    assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == [1, 2]
+    assert run.info.artifact_uri.startswith(f"s3://{BUCKET}/mlflow/")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "curves.png"}
+    models = client.search_logged_models([run.info.experiment_id])
+    assert {m.name for m in models} == {"best_model", "final_model"}
+    assert all(m.artifact_location.startswith(f"s3://{BUCKET}/mlflow/") for m in models)
+    stored = objects(s3)
+    assert sum(k.startswith("mlflow/") and k.endswith("/MLmodel") for k in stored) == 2
+    assert {"runs/s3run/config.yaml", f"{run.info.artifact_uri.removeprefix(f's3://{BUCKET}/')}/config.yaml"} <= set(stored), \
+        sorted(stored)
+
+    # The secret key: not on the console, in the Ray logs written while the job ran, in MLflow's
+    # store (params, tags, metrics), nor in any object in the bucket (MLflow's config.yaml, the
+    # run's config.yaml, the checkpoints' configs).
+    secret = s3.secret.encode()
+    assert secret not in (first + out).encode()
+    logs = Path(re.search(r"its own log lines in (\S+)", out).group(1))
+    touched = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
+    assert any(p.name.startswith("worker-") for p in touched), touched  # the job's processes' logs among them
+    leaks = [p for p in touched if secret in p.read_bytes()]
+    assert not leaks, leaks
+    assert secret not in (HOME / "mlflow.db").read_bytes()
+    assert not [k for k, body in stored.items() if secret in body]
+    assert s3.secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+
+
+def test_a_missing_bucket_or_refused_credentials_is_one_line_naming_the_uri(s3, monkeypatch, tmp_path):
+    from pipelines.shards import ShardError, load_digits_source, write_shards
+    from pipelines.train import preflight
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    hint = "check that the bucket exists and the credentials may use it: AWS_ACCESS_KEY_ID"
+    cfg = load_config(CONFIG, ["checkpoint.storage_path=s3://no-such-bucket/runs", "run.name=x"])
+    with pytest.raises(ConfigError, match=r"^checkpoint.storage_path=s3://no-such-bucket/runs: cannot write "
+                                          r"s3://no-such-bucket/runs/x/config.yaml \(.*NO_SUCH_BUCKET.*\); .*"
+                                          + re.escape(hint)) as e:
+        preflight(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ShardError, match=r"^s3://no-such-bucket/digits: cannot write there .*" + re.escape(hint)):
+        write_shards(load_digits_source(8, 0), "s3://no-such-bucket/digits", progress=None)
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    cfg = load_config(CONFIG, [f"data.shards=s3://{BUCKET}/shards/digits", f"checkpoint.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"^data.shards: s3://{BUCKET}/shards/digits/manifest.json: cannot read it "
+                                          r"\(.*ACCESS_DENIED.*\); " + re.escape(hint)) as e:
+        preflight(cfg)
+    assert "\n" not in str(e.value) and "not-the-secret" not in str(e.value)
