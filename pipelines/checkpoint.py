@@ -57,7 +57,7 @@ def checkpoint_name(epoch: int, attempt: str) -> str:
     return f"checkpoint_{epoch:06d}_{attempt}"
 
 
-NAMED = re.compile(r"checkpoint_(\d{6})_")  # checkpoint_name's, and the epoch in it
+NAMED = re.compile(r"checkpoint_(\d{6})_(.+)")  # checkpoint_name's: the epoch and the attempt in it
 
 
 def tensor_bytes(obj) -> int:
@@ -240,13 +240,17 @@ def remove_checkpoints(uri: Place, names: list[str]) -> None:
 
 
 def discarded_checkpoints(uri: Place, epoch: int, kept: str) -> list[str]:
-    """The checkpoint directories of epoch `epoch` or later besides `kept`, which Ray Train has just
-    registered for that epoch: copies from an attempt a failure discarded (a worker lost after
-    writing its checkpoint but before Ray Train registered it), which nothing resumes from."""
-    fs, path = _fs(uri)
+    """The checkpoint directories of epoch `epoch` or later from another attempt than `kept`, which
+    Ray Train has just registered for that epoch: copies from an attempt a failure discarded (a
+    worker lost after writing its checkpoint but before Ray Train registered it), which nothing
+    resumes from. Kept's own attempt may be epochs ahead by now (Ray Train registers a report when it
+    next polls the workers): its later checkpoints are not discarded."""
+    if not (named := NAMED.match(kept)):  # not a name of ours: no attempt to tell apart
+        return []
+    fs, path, attempt = *_fs(uri), named.group(2)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name != kept
-            and (m := NAMED.match(i.base_name)) and int(m.group(1)) >= epoch]
+    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+            and (m := NAMED.match(i.base_name)) and int(m.group(1)) >= epoch and m.group(2) != attempt]
 
 
 def has_checkpoints(uri: Place) -> bool:

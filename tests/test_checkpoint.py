@@ -89,7 +89,8 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_says_where(small_disk):
 
 
 def test_checkpoints_of_a_discarded_attempt_are_found_by_epoch(tmp_path):
-    for epoch, attempt in [(1, "a"), (2, "a"), (3, "a"), (2, "b")]:
+    # b's epoch 3 written before Ray Train got round to registering b's epoch 2: b's, so kept
+    for epoch, attempt in [(1, "a"), (2, "a"), (3, "a"), (2, "b"), (3, "b")]:
         (tmp_path / checkpoint.checkpoint_name(epoch, attempt)).mkdir()
     (tmp_path / "checkpoint_2024-01-01_00-00-00.000000").mkdir()  # Ray's own naming: not ours to judge
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
@@ -98,5 +99,5 @@ def test_checkpoints_of_a_discarded_attempt_are_found_by_epoch(tmp_path):
         checkpoint.checkpoint_name(2, "a"), checkpoint.checkpoint_name(3, "a")]
     checkpoint.remove_checkpoints(str(tmp_path), checkpoint.discarded_checkpoints(str(tmp_path), 2, kept))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint_000001_a", "checkpoint_000002_b", "checkpoint_2024-01-01_00-00-00.000000",
+        "checkpoint_000001_a", "checkpoint_000002_b", "checkpoint_000003_b", "checkpoint_2024-01-01_00-00-00.000000",
         "checkpoint_manager_snapshot.json"]

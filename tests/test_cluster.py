@@ -329,7 +329,7 @@ def local3(tmp_path_factory):
     port = free_port_block(30)
     local = [str(CLUSTER / "local.sh")]
     opts = ["--state", state]
-    run = SimpleNamespace(port=port, prometheus=None, ranks={})
+    run = SimpleNamespace(port=port, prometheus=None, ranks={}, home=home)
     prometheus = None
     try:
         try:
@@ -402,6 +402,19 @@ def test_local_cluster_of_three_nodes_runs_a_submitted_training_and_serves_the_g
         assert set(where) == {"0", "1"} and len(set(where.values())) == 2, (gauge, where)
     assert local3.down.returncode == 0, local3.down.stdout + local3.down.stderr
     assert not local3.left, f"processes left running: {local3.left}"
+
+    # The job's driver ran on the head (from the uploaded working dir): its MLflow run, in the
+    # store under RAY_RESNET_HOME (outside the upload), has its epoch and says it came from a job
+    from mlflow import MlflowClient
+    from pipelines.checkpoint import load_state
+    state = load_state(str(max(local3.checkpoints)))
+    client = MlflowClient(f"sqlite:///{local3.home / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(state["mlflow_run_id"], "val_error")] == [1]
+    submitted = client.get_run(state["mlflow_run_id"])
+    assert submitted.data.params["model.name"] == "cifar_resnet8"
+    tags = submitted.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["ray.job_submission_id"].startswith("raysubmit_")
+    assert tags["mlflow.source.name"] == "pipelines.train"
 
 
 def grafana_regex_escape(value: str) -> str:

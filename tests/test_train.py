@@ -1,5 +1,5 @@
 """The training job: DDP that matches one worker, checkpoints, resume, restarts after a worker dies,
-MLflow, dashboard gauges, `ray job submit`, multi-node, and mistakes caught before workers start."""
+MLflow, dashboard gauges, multi-node, and mistakes caught before workers start."""
 import math
 import os
 import re
@@ -8,8 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ import yaml
 from pipelines.config import Config, ConfigError, ScheduleSection, load_config
 from pipelines.checkpoint import load_state
 from pipelines.recipe import lr_factor, make_optimizer, train_step, unwrap
-from pipelines.runtime import free_port
 from pipelines.train import fit
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
@@ -277,13 +274,6 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once
     assert out.returncode == 0 and "epochs 2..2 (resumed)" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-def fit_result_checkpoints(run_dir: Path):
-    """The run's checkpoints, latest first."""
-    from ray.train import Checkpoint
-    dirs = sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")), reverse=True)
-    return [Checkpoint.from_directory(str(d)) for d in dirs]
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["data.num_classes=7"], "data.num_classes=7: "),
     (["data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards/manifest.json: cannot read it"),
@@ -322,77 +312,6 @@ def test_the_cli_reports_a_mistake_in_one_line_without_a_traceback(run_cli, tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Ray:" not in out.stdout
     assert out.stderr.strip() == (f"error: data.shards: {path}: 1,000 bytes, the manifest records "
                                   f"{entry['bytes']:,} (truncated or replaced); rewrite the shards")
-
-
-def test_ray_job_submit_trains_on_a_running_cluster_and_serves_the_gauges(tmp_path):
-    """`ray start --head`, then `ray job submit --working-dir .`: data, checkpoints and MLflow stay
-    under RAY_RESNET_HOME (outside the uploaded directory); the gauges reach Prometheus."""
-    bin_dir = Path(sys.executable).parent
-    home = tmp_path / "home"
-    env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # every port its own: the test session's Ray already holds the defaults (the agent's 52365, ...)
-    gcs, dash, metrics, agent_http, agent_grpc, runtime_env, client = (free_port() for _ in range(7))
-    head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
-                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-                             f"--ray-client-server-port={client}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:  # `ray start --block` returns nothing when the head is up: wait for its dashboard
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=5)
-                break
-            except urllib.error.HTTPError:  # it answers (401 without the token): up
-                break
-            except OSError:
-                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-                time.sleep(1)
-        deadline = time.time() + 300
-        while True:  # the dashboard answers before its job agent is ready (slower on a busy machine)
-            job = subprocess.run(
-                [bin_dir / "ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-                 "--", "python", "-m", "pipelines.train", "--config", "ray_config.yaml", *SMALL,
-                 "schedule.epochs=1", "run.name=submitted"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in job.stderr + job.stdout or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        assert "succeeded" in job.stdout + job.stderr
-        gauges = ("ray_resnet_images_per_s", "ray_resnet_train_loss", "ray_resnet_data_wait", "ray_resnet_val_error")
-        deadline = time.time() + 60
-        while True:  # workers hand their gauges to the metrics agent every few seconds: the job may end first
-            scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30).read().decode()
-            missing = [g for g in gauges if f"{g}{{" not in scrape or 'run="submitted"' not in scrape]
-            if not missing or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert not missing, missing
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        current = Path("/tmp/ray/ray_current_cluster")  # `ray stop` would remove it, and stop every cluster
-        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
-            current.unlink()
-    cfg = load_config(CONFIG, ["run.name=submitted"])
-    state = load_state(fit_result_checkpoints(home / "runs" / "submitted")[0])
-    from mlflow import MlflowClient
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    assert epochs_logged(client, state["mlflow_run_id"]) == [1]
-    submitted = client.get_run(state["mlflow_run_id"])
-    assert submitted.data.params["model.name"] == "cifar_resnet8"
-    tags = submitted.data.tags  # started by `ray job submit`: the job's id
-    assert tags["mlflow.source.type"] == "JOB" and tags["ray.job_submission_id"].startswith("raysubmit_")
-    assert tags["mlflow.source.name"] == "pipelines.train"
 
 
 def test_a_job_runs_across_two_nodes(tmp_path):

@@ -118,7 +118,6 @@ def test_optuna_searches_a_log_uniform_range(tmp_path, ray_session):
     cfg = load_config(CONFIG, [*BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=optuna",
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=optuna-test", "tune.search=optuna",
                                "tune.num_samples=2", "tune.scheduler=fifo", "schedule.epochs=1", "model.depth=8",
-                               "tune.max_concurrent_trials=2",  # both at once: Optuna suggests the second unseen
                                "tune.space.optim.lr={loguniform: [0.01, 0.3]}"])
     rows, _ = sweep(cfg)
     assert len(rows) == 2 and all(0.01 <= r["optim.lr"] <= 0.3 and r["epochs"] == 1 for r in rows)
