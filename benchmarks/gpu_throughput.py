@@ -123,7 +123,7 @@ def feed_batches(cfg, device, channels_last: bool):
     epoch = 0
     while True:
         epoch += 1
-        yield from epoch_feed(train_ds, cfg, epoch, 0, device, channels_last, train=True)
+        yield from epoch_feed(train_ds, cfg, epoch, 0, device, channels_last, train=True, batch_size=cfg.data.batch_size)
 
 
 def decode_alone(shards: Path, a, device, row) -> None:

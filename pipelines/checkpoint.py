@@ -1,11 +1,14 @@
 """The checkpoint format, once: what a training run writes each epoch, how it is read back.
 
-A checkpoint is a directory, <storage_path>/<run.name>/checkpoint_<epoch>_<attempt> (Ray Train
-copies it there; the attempt is when the worker group started, so a failed attempt's copy of an
-epoch never mixes with the next attempt's):
+A checkpoint is a directory, <storage_path>/<run.name>/checkpoint_<epoch>_<attempt> at an epoch's
+end, checkpoint_<epochs done>_s<steps into the next>_<attempt> within an epoch (Ray Train copies it
+there; the attempt is when the worker group started, so a failed attempt's copy of an epoch never
+mixes with the next attempt's):
     state.pt     rank 0: FORMAT, weights, optimizer and grad-scaler state, epoch, step, the
                  warm-up flag, every epoch's metrics (history), the MLflow run id, the model's
-                 name and classes, and the config it trained with (a dict)
+                 name and classes, and the config it trained with (a dict); within an
+                 epoch, `partial`: the epoch's steps done, its rows done (a bit each,
+                 pipelines.plan.pack) and its running sums
     rng-<r>.pt   each rank's random streams (torch, Python, PCA lighting, CUDA) as tensors and
                  plain lists, so a resumed run with the same workers draws what it would have drawn
 
@@ -53,11 +56,18 @@ class StorageFull(RuntimeError):
     """No space left where a checkpoint goes: says where, and that the same command resumes."""
 
 
-def checkpoint_name(epoch: int, attempt: str) -> str:
-    return f"checkpoint_{epoch:06d}_{attempt}"
+def checkpoint_name(epoch: int, attempt: str, steps: int = 0) -> str:
+    """epoch: epochs done; steps: steps done of the next (a checkpoint within an epoch)."""
+    return f"checkpoint_{epoch:06d}_{f's{steps:09d}_' if steps else ''}{attempt}"
 
 
-NAMED = re.compile(r"checkpoint_(\d{6})_(.+)")  # checkpoint_name's: the epoch and the attempt in it
+NAMED = re.compile(r"checkpoint_(\d{6})_(?:s(\d{9})_)?(.+)")  # checkpoint_name's: epoch, steps, attempt
+
+
+def position(name: str) -> tuple[int, int] | None:
+    """(epochs done, steps into the next) of a checkpoint_name, or None for another name."""
+    m = NAMED.fullmatch(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
 
 
 def tensor_bytes(obj) -> int:
@@ -174,8 +184,9 @@ def restore_rng(directory: str, rank: int, lighting: torch.Generator) -> bool:
 
 
 def best_checkpoint(result):
-    """(checkpoint, metrics) of the lowest validation error among those Ray Train kept, or None."""
-    return min(result.best_checkpoints, key=lambda cm: cm[1]["val_error"]) if result.best_checkpoints else None
+    """(checkpoint, metrics) of the lowest validation error among the epoch ends Ray Train kept, or None."""
+    ends = [cm for cm in result.best_checkpoints if not cm[1].get("partial")]
+    return min(ends, key=lambda cm: cm[1]["val_error"]) if ends else None
 
 
 def find_checkpoint(path: str) -> tuple[dict, str]:
@@ -194,7 +205,9 @@ def find_checkpoint(path: str) -> tuple[dict, str]:
     states, unreadable = {}, []
     for c in sorted(where.glob("checkpoint_*")):
         try:  # a run's folder may hold one a failed write left behind (storage full, a node lost)
-            states[c] = load_state(c)
+            state = load_state(c)
+            if not state.get("partial"):  # one within an epoch is no model to evaluate
+                states[c] = state
         except CheckpointError as e:
             unreadable.append(f"{c.name} ({str(e).removeprefix(str(c / 'state.pt') + ': ')})")
     if unreadable:
@@ -239,18 +252,18 @@ def remove_checkpoints(uri: Place, names: list[str]) -> None:
             pass
 
 
-def discarded_checkpoints(uri: Place, epoch: int, kept: str) -> list[str]:
-    """The checkpoint directories of epoch `epoch` or later from another attempt than `kept`, which
-    Ray Train has just registered for that epoch: copies from an attempt a failure discarded (a
-    worker lost after writing its checkpoint but before Ray Train registered it), which nothing
-    resumes from. Kept's own attempt may be epochs ahead by now (Ray Train registers a report when it
-    next polls the workers): its later checkpoints are not discarded."""
-    if not (named := NAMED.match(kept)):  # not a name of ours: no attempt to tell apart
+def discarded_checkpoints(uri: Place, kept: str) -> list[str]:
+    """The checkpoint directories at kept's position or later from another attempt than `kept`,
+    which Ray Train has just registered: copies from an attempt a failure discarded (a worker lost
+    after writing its checkpoint but before Ray Train registered it), which nothing resumes from.
+    Kept's own attempt may be epochs ahead by now (Ray Train registers a report when it next polls
+    the workers): its later checkpoints are not discarded."""
+    if not (named := NAMED.fullmatch(kept)):  # not a name of ours: no attempt to tell apart
         return []
-    fs, path, attempt = *_fs(uri), named.group(2)
+    fs, path, attempt, at = *_fs(uri), named.group(3), position(kept)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-            and (m := NAMED.match(i.base_name)) and int(m.group(1)) >= epoch and m.group(2) != attempt]
+            and (m := NAMED.fullmatch(i.base_name)) and position(i.base_name) >= at and m.group(3) != attempt]
 
 
 def has_checkpoints(uri: Place) -> bool:

@@ -143,7 +143,10 @@ class ScheduleSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, ge=1)        # Ray Train workers (one process each, DDP)
+    # Ray Train workers (one process each, DDP): a number, or [min, max] to train elastically: start
+    # once min fit, grow to max as nodes join, go on with those left when one is lost (docs/elastic.md)
+    num_workers: int | tuple[int, int] = 2
+    resize_interval_s: float = Field(60, ge=1)  # elastic: how often Ray Train looks for room to grow
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)  # 0: train on CPUs with gloo
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -158,8 +161,35 @@ class ScalingSection(Section):
     def _compile_bool(cls, v):  # compile: true / false, as earlier configs wrote it
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, list, tuple)) or (
+                not isinstance(v, int) and (len(v) != 2 or not all(type(n) is int for n in v))):
+            raise ValueError("a number of workers, or [min, max], e.g. 4 or [2, 8]")
+        if isinstance(v, int) and v < 1 or not isinstance(v, int) and not 1 <= v[0] <= v[1]:
+            raise ValueError("at least 1 worker" + ("" if isinstance(v, int) else ", and min <= max, e.g. [2, 8]"))
+        return v if isinstance(v, int) or v[0] < v[1] else v[0]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
+
     @model_validator(mode="after")
     def _check(self) -> "ScalingSection":
+        if self.elastic and self.placement_strategy.startswith("STRICT"):
+            # Ray sizes an elastic group from the nodes' free resources alone, not the strategy:
+            # a size it picks could never be placed
+            raise ValueError(f"placement_strategy={self.placement_strategy}: with num_workers="
+                             f"{list(self.num_workers)} use PACK or SPREAD")
         if self.gpus_per_worker == 0:
             if self.sync_batchnorm:
                 raise ValueError("sync_batchnorm=true: torch's SyncBatchNorm runs only on GPUs; "
@@ -172,6 +202,11 @@ class ScalingSection(Section):
 class CheckpointSection(Section):
     storage_path: str | None = Field(None, validate_default=True)  # path or s3:// / gs:// URI; None: HOME/runs
     keep_best: int = Field(2, ge=1)          # best K by validation error, plus the latest
+    # Within an epoch too, besides at its end: every this many steps and/or minutes (0: not), and at
+    # once when Ray reports that a node of the run is being preempted. A resumed run continues the
+    # epoch where it stopped, every image once (docs/elastic.md).
+    every_steps: int = Field(0, ge=0)
+    every_minutes: float = Field(0, ge=0)
 
     @field_validator("storage_path")
     @classmethod
@@ -268,14 +303,15 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_batch(self) -> "Config":
-        b, w = self.data.batch_size, self.scaling.num_workers
-        if b % w:
-            raise ValueError(f"data.batch_size={b}: the global batch is split evenly over "
-                             f"scaling.num_workers={w}; use a multiple of {w}, e.g. {b // w * w or w}")
-        if 0 < self.data.shuffle_buffer < 2 * self.local_batch:
+        b, w = self.data.batch_size, self.scaling.max_workers
+        if b < w:
+            raise ValueError(f"data.batch_size={b}: the global batch gives every worker at least one image; "
+                             f"at least scaling.num_workers ({w})")
+        if 0 < self.data.shuffle_buffer < 2 * self.largest_worker_batch:
             # Ray Data's local shuffle then hands out short batches in mid-epoch (seen with 2.60)
-            raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice each worker's "
-                             f"batch ({self.local_batch}), i.e. {2 * self.local_batch} or more, or 0 for none")
+            raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice a worker's "
+                             f"batch ({self.largest_worker_batch}), i.e. {2 * self.largest_worker_batch} or "
+                             "more, or 0 for none")
         return self
 
     @model_validator(mode="after")
@@ -314,8 +350,9 @@ class Config(Section):
         return self.data.decode == "gpu" or (self.data.decode == "auto" and self.scaling.gpus_per_worker > 0)
 
     @property
-    def local_batch(self) -> int:
-        return self.data.batch_size // self.scaling.num_workers
+    def largest_worker_batch(self) -> int:
+        """A worker's most rows per step: with the fewest workers (pipelines.plan.rank_batches)."""
+        return -(-self.data.batch_size // self.scaling.min_workers)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

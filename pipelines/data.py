@@ -34,15 +34,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines.codecs import JPEG_MAGIC, decode_image
 from pipelines.config import HOME, DataSection
+from pipelines.plan import read_units
 from pipelines.ray_internals import execution_count
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest
 
 log = logging.getLogger(__name__)
 
-# Rows per read task (whole Parquet row groups of one shard). Ray Data left a CPU idle for about
-# 0.2 s between one task and the next, so tasks of one 256-row group (0.3 s of decoding) lost a
-# third of the time; much longer ones leave a long tail at the end of each epoch.
-ROWS_PER_TASK = 1024
 # AlexNet / fb.resnet.torch PCA lighting: eigenvalues and eigenvectors of ImageNet's RGB covariance
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -61,16 +58,9 @@ class ShardSource(Datasource):
 
     def __init__(self, shards: list[tuple[str, int, list[int]]], fs, columns: list[str] | None, seed: int | None,
                  skip_damaged: bool = False):
-        self.units = []  # (path, row groups, rows): consecutive row groups of a shard, up to ROWS_PER_TASK rows
-        for path, _, groups in shards:
-            start, rows = 0, 0
-            for i, n in enumerate(groups):
-                rows += n
-                if rows >= ROWS_PER_TASK or i == len(groups) - 1:
-                    self.units.append((path, list(range(start, i + 1)), rows))
-                    start, rows = i + 1, 0
+        self.units = read_units(shards)
         self.fs, self.columns, self.seed, self.skip_damaged = fs, columns, seed, skip_damaged
-        self.bytes, self.rows = sum(size for _, size, _ in shards), sum(n for _, _, n in self.units)
+        self.bytes, self.rows = sum(size for _, size, _ in shards), sum(u.rows for u in self.units)
 
     def estimate_inmemory_data_size(self) -> int:
         return self.bytes
@@ -81,13 +71,48 @@ class ShardSource(Datasource):
             order = np.random.default_rng([self.seed, execution_count(data_context)]).permutation(len(self.units))
         tasks = []
         for k in order:
-            path, groups, n = self.units[k]
-            meta = BlockMetadata(num_rows=n, size_bytes=self.bytes * n // max(self.rows, 1), input_files=[path],
-                                 exec_stats=None)
-            tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, path, groups, self.columns,
+            u = self.units[k]
+            meta = BlockMetadata(num_rows=u.rows, size_bytes=self.bytes * u.rows // max(self.rows, 1),
+                                 input_files=[u.path], exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_read_row_groups, self.fs, u.path, u.groups, self.columns,
                                                     self.skip_damaged), meta,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+class PlanSource(Datasource):
+    """Given rows of the shards, in a given order (pipelines.plan: one worker's rows for the rest of
+    an epoch), as read tasks of one unit each, every row with its global number in an `idx` column:
+    what a checkpoint records as trained. Only the row groups holding those rows are read."""
+
+    def __init__(self, units: list, runs: list[tuple[int, np.ndarray]], fs, columns: list[str],
+                 skip_damaged: bool = False):
+        self.units, self.runs, self.fs, self.columns, self.skip_damaged = units, runs, fs, columns, skip_damaged
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        tasks = []
+        for k, local in self.runs:
+            u = self.units[k]
+            meta = BlockMetadata(num_rows=len(local), size_bytes=None, input_files=[u.path], exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_read_rows, self.fs, u, local, self.columns, self.skip_damaged),
+                                  meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _read_rows(fs, unit, local: np.ndarray, columns: list[str], skip_damaged: bool):
+    """The unit's rows at positions local (in that order), with their global numbers as idx."""
+    ends = np.cumsum(unit.group_rows)
+    which = np.searchsorted(ends, local, side="right")  # each row's group within the unit
+    needed = sorted(set(which.tolist()))
+    tables = list(_read_row_groups(fs, unit.path, [unit.groups[i] for i in needed], columns, skip_damaged))
+    offset = dict(zip(needed, np.cumsum([0] + [len(t) for t in tables[:-1]])))
+    starts = np.r_[0, ends[:-1]]
+    at = np.array([offset[g] for g in which.tolist()]) + local - starts[which]
+    table = pa.concat_tables(tables).take(pa.array(at))
+    yield table.append_column("idx", pa.array(unit.first + local, pa.int64()))
 
 
 def _read_row_groups(fs, path: str, groups: list[int], columns: list[str] | None, skip_damaged: bool = False):
@@ -262,8 +287,9 @@ class DecodeAugment:
 
     def __call__(self, block: dict):
         step = self.data.decode_batch
+        carried = [k for k in ("image", "label", "key", "idx") if k in block]
         for i in range(0, len(block["key"]), step):
-            yield self.decode_rows({k: block[k][i:i + step] for k in ("image", "label", "key")})
+            yield self.decode_rows({k: block[k][i:i + step] for k in carried})
 
     def decode_rows(self, batch: dict) -> dict:
         if self.train:  # torch's global RNG starts equal in every process: draw fresh per batch
@@ -290,7 +316,8 @@ class DecodeAugment:
             else:
                 torch.from_numpy(out[i]).copy_(image)
         return {"image": out, "label": np.asarray(labels, dtype=np.int64),
-                "key": np.asarray(batch["key"], dtype=object)}
+                "key": np.asarray(batch["key"], dtype=object),
+                **({"idx": np.asarray(batch["idx"], np.int64)} if "idx" in batch else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,16 +343,30 @@ def build_datasets(data: DataSection, seed: int, encoded: bool = False):
     for split, train in (("train", True), ("val", False)):
         ds = read_shards(directory, split, shuffle_seed=seed if train else None, columns=["image", "label", "key"],
                          skip_damaged=data.bad_records == "skip")
-        if not encoded:
-            ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
-            # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
-            # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
-            # store; a smaller one splits each chunk in two, and copies it again.
-            ds.context.target_max_block_size = data.decode_batch * data.crop_size ** 2 * 3 + 2**16
-        # Tasks finish in any order; keeping the order makes it a function of the seed alone.
-        ds.context.execution_options.preserve_order = data.deterministic
-        datasets.append(ds)
+        datasets.append(prepared(ds, data, train, encoded))
     return datasets[0], datasets[1], manifest
+
+
+def planned_dataset(data: DataSection, directory: str, units: list, runs: list, encoded: bool = False):
+    """One worker's planned training rows (pipelines.plan's read_runs) as a Ray Dataset like
+    build_datasets' training split, with each row's global number in `idx`."""
+    import ray.data
+    fs, _ = fs_and_path(directory)
+    source = PlanSource(units, runs, fs, ["image", "label", "key"], skip_damaged=data.bad_records == "skip")
+    return prepared(ray.data.read_datasource(source, override_num_blocks=max(1, len(runs))), data, True, encoded)
+
+
+def prepared(ds, data: DataSection, train: bool, encoded: bool):
+    """Read rows -> decoded, augmented rows (unless encoded), with this project's execution settings."""
+    if not encoded:
+        ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
+        # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
+        # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
+        # store; a smaller one splits each chunk in two, and copies it again.
+        ds.context.target_max_block_size = data.decode_batch * data.crop_size ** 2 * 3 + 2**16
+    # Tasks finish in any order; keeping the order makes it a function of the seed alone.
+    ds.context.execution_options.preserve_order = data.deterministic
+    return ds
 
 
 class Collate(NumpyBatchCollateFn):
@@ -346,7 +387,10 @@ class Collate(NumpyBatchCollateFn):
                 image = torch.from_numpy(image)
                 if self.pin:
                     image = image.pin_memory()
-            return {"image": image, "label": torch.from_numpy(batch["label"]), "key": list(batch["key"])}
+            out = {"image": image, "label": torch.from_numpy(batch["label"]), "key": list(batch["key"])}
+            if "idx" in batch:
+                out["idx"] = np.asarray(batch["idx"], np.int64)  # stays on the host: what a checkpoint records
+            return out
 
 
 def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:

@@ -1,6 +1,6 @@
 """Batches prepared ahead of the training step: host batches in, device batches out.
 
-    for x, y, rows, skipped in epoch_feed(shard, cfg, epoch, rank, device, channels_last, train=True):
+    for x, y, rows, skipped, idx in epoch_feed(shard, cfg, epoch, rank, device, channels_last, train=True, batch_size=64):
         train_step(...)
 
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
@@ -29,6 +29,7 @@ class DeviceBatch(NamedTuple):
     y: torch.Tensor        # labels on the device; -1: a placeholder that counts for nothing
     rows: int              # rows the host batch held, skipped ones included
     skipped: int           # rows that could not be decoded
+    idx: np.ndarray | None = None  # the host batch's rows' global numbers (planned training rows), on the host
 
 
 _DONE = object()
@@ -109,14 +110,14 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
 
 
 def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device, channels_last: bool, train: bool,
-               generator: torch.Generator | None = None):
+               batch_size: int, generator: torch.Generator | None = None):
     """One epoch of a Dataset's or a Train worker's DataIterator as DeviceBatches, data.prefetch_batches
     ahead: decoded and augmented on the device (cfg.decode_on_device), or decoded by Ray Data on
     the CPUs and copied from pinned memory. Undecodable rows are taken out and counted; a training
     batch of nothing else keeps one placeholder (label -1), so a DDP worker still steps.
     generator: the colour noise's stream (data.pca_lighting)."""
     data = cfg.data
-    host = epoch_batches(source, data, epoch, cfg.run.seed, cfg.local_batch, train=train,
+    host = epoch_batches(source, data, epoch, cfg.run.seed, batch_size, train=train,
                          pin=device.type == "cuda" and not cfg.decode_on_device)
     if cfg.decode_on_device:
         # crop boxes and flips: a stream of their own per (seed, epoch, rank, split)
@@ -125,11 +126,11 @@ def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device,
 
         def prepare(b: dict) -> DeviceBatch:
             x, y, skipped = augment(b, keep_one=train)
-            return DeviceBatch(x, y, len(b["key"]), skipped)
+            return DeviceBatch(x, y, len(b["key"]), skipped, b.get("idx"))
     else:
         def prepare(b: dict) -> DeviceBatch:
-            rows = len(b["label"])
+            rows, idx = len(b["label"]), b.get("idx")
             b, skipped = usable_rows(b, keep_one=train)
             x, y = to_device(b, device, data, channels_last=channels_last, generator=generator)
-            return DeviceBatch(x, y, rows, skipped)
+            return DeviceBatch(x, y, rows, skipped, idx)
     return device_batches(host, prepare, device, ahead=data.prefetch_batches)

@@ -93,21 +93,24 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, cfg: Config,
-               amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward (DDP averages the gradients over workers), update: (logits, loss).
+               amp: torch.dtype | None, share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward (DDP averages the gradients over workers), update: (logits, mean loss).
 
+    share: the worker's nominal rows of the global batch (batch / workers). Its loss is its rows'
+    sum divided by share, so DDP's average over workers is the mean over the global batch even when
+    workers take unequal rows (pipelines.plan.rank_batches). None: the mean over this batch.
     A row labelled -1 (the placeholder of an undecodable image, data.bad_records=skip, which the
     loop keeps only when a batch holds nothing else) counts for nothing in the loss: such a batch
     steps with a zero loss, since DDP needs every worker's step."""
+    valid = (y >= 0).sum().clamp(min=1)
     with autocast(x.device, amp):
         logits = model(x)
-        loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum",
-                               label_smoothing=cfg.optim.label_smoothing) / (y >= 0).sum().clamp(min=1)
+        total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum", label_smoothing=cfg.optim.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(total / (valid if share is None else share)).backward()
     scaler.step(opt)
     scaler.update()
-    return logits.detach(), loss.detach()
+    return logits.detach(), (total / valid).detach()
 
 
 def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics) -> torch.Tensor:

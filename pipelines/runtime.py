@@ -24,10 +24,12 @@ TRIAL_CPU = 0.01  # a sweep's trial function only waits on its TorchTrainer, whi
 SETUP_HOOK = "pipelines.ray_internals.setup_process"
 
 
-def job_resources(cfg: Config) -> tuple[float, float]:
-    """(CPUs, GPUs) a training job needs of the cluster: its workers, and the decode CPU."""
+def job_resources(cfg: Config, workers: int | None = None) -> tuple[float, float]:
+    """(CPUs, GPUs) a training job needs of the cluster: its workers (the most it may have), and the
+    decode CPU."""
     sc = cfg.scaling
-    return sc.num_workers * sc.cpus_per_worker + DECODE_CPUS, sc.num_workers * sc.gpus_per_worker
+    w = sc.max_workers if workers is None else workers
+    return w * sc.cpus_per_worker + DECODE_CPUS, w * sc.gpus_per_worker
 
 
 def trial_resources(cfg: Config) -> tuple[float, float]:
@@ -43,18 +45,18 @@ def local_cpus(cfg: Config) -> int:
 
 
 def check_cluster(cfg: Config) -> None:
-    """Refuse, instead of waiting forever, a job the cluster cannot hold."""
+    """Refuse, instead of waiting forever, a job the cluster cannot hold (an elastic one: its minimum)."""
     import ray
     total = ray.cluster_resources()
     sc = cfg.scaling
-    cpus, gpus = job_resources(cfg)
+    cpus, gpus = job_resources(cfg, sc.min_workers)
     have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
     if gpus > have_gpus:
-        raise ConfigError(f"scaling.gpus_per_worker={sc.gpus_per_worker} x scaling.num_workers={sc.num_workers}: "
+        raise ConfigError(f"scaling.gpus_per_worker={sc.gpus_per_worker} x scaling.num_workers={sc.min_workers}: "
                           f"needs {gpus:g} GPUs, the cluster has {have_gpus:g}; lower them, or set "
                           "gpus_per_worker=0 to train on CPUs")
     if cpus > have_cpus:
-        raise ConfigError(f"scaling.cpus_per_worker={sc.cpus_per_worker:g} x scaling.num_workers={sc.num_workers}: "
+        raise ConfigError(f"scaling.cpus_per_worker={sc.cpus_per_worker:g} x scaling.num_workers={sc.min_workers}: "
                           f"training takes {cpus - DECODE_CPUS:g} of the cluster's {have_cpus:g} CPUs and Ray Data "
                           f"needs at least {DECODE_CPUS} more to decode; lower them or add nodes")
 

@@ -21,18 +21,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import yaml
 from ray.train import UserCallback
 from torch import nn
 
-from pipelines import checkpoint
+from pipelines import checkpoint, plan
 from pipelines.checkpoint import (StorageFull, best_checkpoint, check_space, checkpoint_name, discarded_checkpoints,
                                   has_checkpoints, load_state, read_text, remove_checkpoints, save_text,
                                   storage_full_at, tensor_bytes)
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
-from pipelines.data import Ingest, build_datasets, shards_dir
+from pipelines.data import Ingest, build_datasets, planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
@@ -64,9 +65,10 @@ class Job:
     lighting: torch.Generator    # PCA colour noise, one stream per rank
     attempt: str = ""            # when this worker group started: names its checkpoints
     checkpoint_bytes: int = 0    # rank 0's last checkpoint, to check the storage has room for the next
-    epoch: int = 0
-    step: int = 0
+    epoch: int = 0               # epochs done
+    step: int = 0                # steps done, all epochs
     history: list = field(default_factory=list)
+    partial: dict | None = None  # the next epoch, when a checkpoint within it was resumed: see partial_state
 
     @property
     def net(self) -> nn.Module:
@@ -77,7 +79,8 @@ class Job:
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "warming": self.schedule.warming, "history": self.history,
                 "mlflow_run_id": self.info["mlflow_run_id"], "model_name": self.cfg.model.name,
-                "num_classes": self.info["num_classes"], "config": self.cfg.model_dump(mode="json")}
+                "num_classes": self.info["num_classes"], "config": self.cfg.model_dump(mode="json"),
+                "partial": self.partial}
 
 
 def build(cfg: Config, info: dict) -> Job:
@@ -95,7 +98,7 @@ def build(cfg: Config, info: dict) -> Job:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
-    steps_per_epoch = max(info["train_rows"] // world // cfg.local_batch, 1)
+    steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
     return Job(cfg, info, rank, world, device, num, model, torch.compile(model, mode=num.compile) if num.compile else model,
                opt, torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16),
                Schedule(opt, cfg, steps_per_epoch), torch.Generator().manual_seed(cfg.run.seed * 1000 + rank))
@@ -111,55 +114,129 @@ def restore(job: Job, ckpt) -> None:
     job.opt.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
     job.epoch, job.step, job.schedule.warming, job.history = (state[k] for k in ("epoch", "step", "warming", "history"))
+    job.partial = state.get("partial")
 
 
-def feed(job: Job, shard, train: bool):
-    """This epoch's batches on the device, prepared ahead of the step (pipelines.feed)."""
-    return epoch_feed(shard, job.cfg, job.epoch, job.rank, job.device, job.numerics.channels_last, train,
-                      generator=job.lighting if train else None)
+def feed(job: Job, source, train: bool, batch_size: int, epoch: int):
+    """An epoch's batches on the device, prepared ahead of the step (pipelines.feed)."""
+    return epoch_feed(source, job.cfg, epoch, job.rank, job.device, job.numerics.channels_last, train,
+                      batch_size, generator=job.lighting if train else None)
 
 
-def train_epoch(job: Job, shard, say: WorkerConsole) -> tuple[dict, dict]:
-    """One epoch of steps: (the epoch's training metrics over all workers, this worker's for its
-    gauges). Counts stay on the device until the epoch ends: no step waits for the GPU to report a number."""
-    cfg, data = job.cfg, job.cfg.data
+# Steps between two asks whether a node of the run is being preempted (a collective: every worker
+# asks at the same steps), aimed at this many seconds apart.
+PREEMPTION_CHECK_S = 2.0
+
+
+class Epoch:
+    """The epoch in progress on this worker: its rows (pipelines.plan), what it has trained, and when
+    to checkpoint within it. A resumed checkpoint taken within it (job.partial) gives the steps and
+    rows already done and their sums."""
+
+    def __init__(self, job: Job):
+        cfg, n = job.cfg, job.info["train_rows"]
+        self.steps = plan.steps_per_epoch(n, cfg.data.batch_size)
+        p = job.partial or {"steps": 0, "done": None, "sums": [0.0] * 6, "workers": job.world}
+        self.start, self.carried, self.was = p["steps"], p["sums"], p["workers"]
+        self.done = plan.unpack(p["done"].numpy(), n) if p["done"] is not None else np.zeros(n, bool)
+        self.epoch = job.epoch + 1  # the one in progress
+        order = plan.epoch_order(job.info["units"], cfg.run.seed, self.epoch)
+        self.rows = plan.rank_rows(order, self.done, self.steps - self.start, cfg.data.batch_size, job.world, job.rank)
+        self.batch = plan.rank_batches(cfg.data.batch_size, job.world)[job.rank]
+        last = job.history[-1] if job.history else None  # the same on every worker: the check's spacing agrees
+        step_s = last["epoch_time_s"] / max(self.steps, 1) if last else 0.0
+        self.check_every = max(1, round(PREEMPTION_CHECK_S / step_s)) if step_s else 10
+        self.saved_for = None       # the preemption already checkpointed for
+        self.last_save = time.monotonic()
+
+    def due(self, job: Job, step: int, say: WorkerConsole) -> bool:
+        """Checkpoint after this step (steps done this epoch)? The same answer on every worker."""
+        import ray.train
+        every = job.cfg.checkpoint
+        if step >= self.steps:
+            return False  # the epoch's end checkpoints anyway
+        due = bool(every.every_steps) and step % every.every_steps == 0
+        if step % self.check_every:
+            return due
+        info = ray.train.get_preemption_info()
+        if info is not None and info.deadline_ms != self.saved_for:
+            self.saved_for = info.deadline_ms
+            left = f"{(info.deadline_ms / 1000 - time.time()):.0f} s before its deadline" if info.deadline_ms else "no deadline"
+            say.line(f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} being preempted ({left}): "
+                     f"checkpoint at step {step:,} of {self.steps:,} of epoch {self.epoch}")
+            due = True
+        if every.every_minutes:
+            from ray.train.collective import broadcast_from_rank_zero
+            due = broadcast_from_rank_zero(due or time.monotonic() - self.last_save >= every.every_minutes * 60)
+        return due
+
+
+def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
+    """One epoch of steps, from where a resumed checkpoint left it: (the epoch's training metrics over
+    all workers, this worker's for its gauges). Counts stay on the device until the epoch ends or a
+    checkpoint within it: no step waits for the GPU to report a number."""
+    cfg = job.cfg
+    ep = Epoch(job)
     job.model.train()
-    t0, waited, delivered = time.perf_counter(), 0.0, 0
+    t0, waited, delivered, skipped = time.perf_counter(), 0.0, 0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
-    skipped = 0  # undecodable rows (data.bad_records=skip)
-    batches = iter(feed(job, shard, train=True))
-    say.start_epoch(job.epoch, job.schedule.steps_per_epoch * data.batch_size)
-    while True:
-        tw = time.perf_counter()
-        b = next(batches, None)
-        waited += time.perf_counter() - tw
-        if b is None:
-            break
-        delivered += b.rows
-        skipped += b.skipped
-        x, y = b.x, b.y
-        job.schedule.set(job.step)
-        logits, loss = train_step(job.forward, job.opt, job.scaler, x, y, cfg, job.numerics.amp)
-        job.step += 1
-        ok = y >= 0  # all but a batch's one kept placeholder
-        n = ok.sum()
-        sums += torch.stack([loss.float() * n, ((logits.argmax(1) != y) & ok).sum(), n]).double()
-        say.step(delivered * job.world, waited)
-    train_time = time.perf_counter() - t0
-    local = sums.cpu()
-    loss_sum, wrong, seen, skipped = all_reduce(torch.cat([local, torch.tensor([skipped], dtype=torch.float64)])).tolist()
-    slowest = all_reduce(torch.tensor([train_time], dtype=torch.float64), op="max").item()
-    wait_share = all_reduce(torch.tensor([waited / train_time], dtype=torch.float64)).item() / job.world
+    source = planned_dataset(cfg.data, job.info["shards"], job.info["units"],
+                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
+    batches = feed(job, source, train=True, batch_size=ep.batch, epoch=ep.epoch)
+    share = cfg.data.batch_size / job.world
+    say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
+    try:
+        for s in range(ep.start + 1, ep.steps + 1):
+            tw = time.perf_counter()
+            b = next(batches, None)
+            waited += time.perf_counter() - tw
+            if b is None:  # each worker was given rows for exactly its steps
+                raise RuntimeError(f"rank {job.rank}: its planned rows ended at step {s} of {ep.steps} of epoch "
+                                   f"{ep.epoch}")
+            delivered += b.rows
+            skipped += b.skipped
+            ep.done[b.idx] = True
+            job.schedule.set(job.step)
+            logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share)
+            job.step += 1
+            ok = b.y >= 0  # all but a batch's one kept placeholder
+            n = ok.sum()
+            sums += torch.stack([loss.float() * n, ((logits.argmax(1) != b.y) & ok).sum(), n]).double()
+            say.step(delivered * job.world, waited)
+            if ep.due(job, s, say):
+                totals = epoch_totals(job, ep, sums, skipped, time.perf_counter() - t0, waited)
+                job.partial = {"steps": s, "done": torch.from_numpy(plan.pack(ep.done)), "sums": totals,
+                               "workers": job.world}
+                save_and_report(job, {"epoch": ep.epoch, "step": s, "partial": True, "val_error": float("nan")})
+                ep.last_save = time.monotonic()
+    finally:
+        batches.close()
+    job.epoch += 1
+    job.partial = None
+    loss_sum, wrong, seen, skipped, train_time, wait_s = epoch_totals(job, ep, sums, skipped,
+                                                                        time.perf_counter() - t0, waited)
     job.schedule.end_epoch(wrong / max(seen, 1))
     row = {"epoch": job.epoch, "lr": job.opt.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-           "train_error": wrong / max(seen, 1), "images_per_s": seen / slowest, "data_wait": wait_share,
-           "train_skipped": int(skipped),
-           # rows the manifest promises that no step saw: the equal split's remainder and each
-           # worker's final partial batch (undecodable or not: a dropped row is never decoded)
+           "train_error": wrong / max(seen, 1), "images_per_s": seen / train_time, "data_wait": wait_s / train_time,
+           "train_skipped": int(skipped), "workers": job.world, "epoch_time_s": train_time,
+           # rows the manifest lists that no step trained: the epoch's last rows short of a global batch
            "train_dropped": job.info["train_rows"] - int(seen) - int(skipped)}
-    mine = {"images_per_s": local[2].item() / train_time, "train_loss": local[0].item() / max(local[2].item(), 1),
-            "data_wait": waited / train_time}
+    local = sums.cpu()
+    spent = time.perf_counter() - t0
+    mine = {"images_per_s": local[2].item() / spent, "train_loss": local[0].item() / max(local[2].item(), 1),
+            "data_wait": waited / spent}
     return row, mine
+
+
+def epoch_totals(job: Job, ep: Epoch, sums: torch.Tensor, skipped: int, spent: float, waited: float) -> list[float]:
+    """[loss sum, wrong, images, skipped, seconds, seconds waited for input] of the epoch so far, over
+    all workers and every start of it, and the rows done so far into ep.done (a collective)."""
+    local = torch.cat([sums.cpu(), torch.tensor([skipped], dtype=torch.float64)])
+    totals = all_reduce(local).tolist()
+    slowest = all_reduce(torch.tensor([spent], dtype=torch.float64), op="max").item()
+    wait_share = all_reduce(torch.tensor([waited / max(spent, 1e-9)], dtype=torch.float64)).item() / job.world
+    ep.done[:] = all_reduce(torch.from_numpy(ep.done.view(np.uint8)), op="max").numpy().view(bool)
+    return [a + b for a, b in zip(totals + [slowest, wait_share * slowest], ep.carried)]
 
 
 def validate(job: Job, shard) -> dict:
@@ -167,7 +244,7 @@ def validate(job: Job, shard) -> dict:
 
     def batches():
         nonlocal skipped
-        for b in feed(job, shard, train=False):
+        for b in feed(job, shard, train=False, batch_size=-(-job.cfg.data.batch_size // job.world), epoch=job.epoch):
             skipped += b.skipped
             if len(b.y):
                 yield b.x, b.y
@@ -183,7 +260,7 @@ def save_and_report(job: Job, row: dict) -> None:
     ray.train.report copies to the run's storage; Ray Train registers the checkpoint once all have
     reported. A full disk (here or there) leaves no partial checkpoint behind, and says where."""
     import ray.train
-    name = checkpoint_name(job.epoch, job.attempt)
+    name = checkpoint_name(job.epoch, job.attempt, job.partial["steps"] if job.partial else 0)
     with tempfile.TemporaryDirectory() as d:
         with storage_full_at(tempfile.gettempdir()):
             checkpoint.save(d, job.rank, checkpoint.rng_state(job.lighting), job.state() if job.rank == 0 else None)
@@ -205,10 +282,18 @@ def train_loop(config: dict) -> None:
     workers = all_gather((ray.get_runtime_context().get_node_id(), time.strftime("%Y-%m-%d_%H-%M-%S")))
     nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
+    per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
-             + f"; images {decoding}; global batch {cfg.data.batch_size}; epochs {job.epoch + 1}..{cfg.schedule.epochs}"
-             + (" (resumed)" if job.epoch else ""))
+             + f"; images {decoding}; global batch {cfg.data.batch_size} "
+             + f"({' or '.join(map(str, per_worker))} a worker); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
+             + (" (resumed)" if job.epoch or job.partial else ""))
+    if job.partial:
+        p = job.partial
+        say.line(f"continuing epoch {job.epoch + 1} from step {p['steps']:,} of "
+                 f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {job.world} workers"
+                 + (f" (its checkpoint was written by {p['workers']})" if p["workers"] != job.world else "")
+                 + ": the epoch's remaining images, each once")
     if job.epoch >= cfg.schedule.epochs and job.history:
         say.line(f"run {cfg.run.name} has trained its {job.epoch} epochs already: raise schedule.epochs to "
                  "train on, or choose a new run.name")
@@ -217,17 +302,17 @@ def train_loop(config: dict) -> None:
         ray.train.report(job.history[-1])
         return
     say.line(header())
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val")
     job.checkpoint_bytes = tensor_bytes(job.state()) if job.rank == 0 else 0
     with SystemSampler(cfg.mlflow.system_metrics_s if job.rank == 0 else 0, gpus=job.device.type == "cuda",
                        send=lambda sample: say.send("system", {**sample, "run_id": config["mlflow_run_id"]})):
         while job.epoch < cfg.schedule.epochs:
             if job.rank == 0:  # a full disk found now, not after an epoch of training
                 check_space(cfg.run_dir, job.checkpoint_bytes)
-            job.epoch += 1
+            row, mine = train_epoch(job, say)
             t0 = time.perf_counter()
-            row, mine = train_epoch(job, train_shard, say)
-            row.update(validate(job, val_shard), epoch_time_s=time.perf_counter() - t0)
+            row.update(validate(job, val_shard))
+            row["epoch_time_s"] += time.perf_counter() - t0
             job.history.append(row)
             save_and_report(job, row)
             gauges.set(**mine, val_error=row["val_error"])
@@ -239,23 +324,35 @@ class LogEpochs(UserCallback):
     epoch's checkpoint: it runs on Ray Train's controller right after its checkpoint manager. A
     worker lost after writing its checkpoint but before Ray registered it makes Ray retrain the
     epoch; that first attempt is never logged, and its checkpoint is deleted here when the retrained
-    epoch is registered. A row MLflow does not take now is logged by fit at the end."""
+    epoch is registered. A row MLflow does not take now is logged by fit at the end. Checkpoints
+    within an epoch are not logged; a failed worker is said on the console."""
 
-    def __init__(self, uri: str, run_id: str, run_dir):
+    def __init__(self, uri: str, run_id: str, run_dir, console: dict | None = None):
         self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None  # run_dir: fs_and_path's
+        self.console, self.last = console, "no checkpoint yet"
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if checkpoint is None:
             return
         row = metrics[0]
-        remove_checkpoints(self.run_dir, discarded_checkpoints(self.run_dir, row["epoch"],
-                                                               checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+        remove_checkpoints(self.run_dir, discarded_checkpoints(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+        self.last = (f"step {row['step']:,} of epoch {row['epoch']}" if row.get("partial")
+                     else f"the end of epoch {row['epoch']}")
+        if row.get("partial"):
+            return
         try:
             self.log = self.log or EpochLog(self.uri, self.run_id)
             self.log.log([row])
         except Exception as e:  # a tracking server away for a moment must not stop the training
             logging.getLogger(__name__).warning("MLflow did not take epoch %s (%s); it is logged at the end",
                                                 row["epoch"], e)
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for rank, e in sorted(worker_exceptions.items()):
+            what = (str(e).strip().splitlines() or [""])[0][:200]
+            WorkerConsole(self.console).line(f"worker {rank} failed ({type(e).__name__}: {what}); Ray Train goes "
+                                             f"on from the latest checkpoint ({self.last}) with the workers "
+                                             "the cluster has")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +364,8 @@ def preflight(cfg: Config) -> dict:
     try:
         directory = shards_dir(cfg.data)
         manifest = load_manifest(directory)
-        for split in ("train", "val"):  # every shard there and whole: found now, not after Ray starts
-            check_shards(directory, split, verify="size")
+        # every shard there and whole: found now, not after Ray starts
+        shards = {split: check_shards(directory, split, verify="size") for split in ("train", "val")}
     except ShardError as e:
         raise ConfigError(f"data.shards: {e}") from None
     classes = len(manifest["classes"])
@@ -276,11 +373,9 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"data.num_classes={cfg.data.num_classes}: {directory}/manifest.json lists "
                           f"{classes} classes; set data.num_classes={classes} or null")
     rows = {split: manifest["splits"][split]["rows"] for split in ("train", "val")}
-    per_worker = rows["train"] // cfg.scaling.num_workers
-    if per_worker < cfg.local_batch:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: each of the {cfg.scaling.num_workers} "
-                          f"workers gets {per_worker} training images, fewer than its batch of "
-                          f"{cfg.local_batch}; lower data.batch_size or scaling.num_workers")
+    if rows["train"] < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {directory} has {rows['train']} training "
+                          "images, fewer than one global batch; lower data.batch_size")
 
     previous = read_text(cfg.run_dir, "config.yaml")
     if previous is not None and has_checkpoints(cfg.run_dir):
@@ -321,12 +416,13 @@ def preflight(cfg: Config) -> dict:
           f"MLflow: {uri}", flush=True)
     sc = cfg.scaling
     device = f"{sc.gpus_per_worker:g} GPU each" if sc.gpus_per_worker else "CPUs"
+    workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
-            "manifest": manifest,
+            "manifest": manifest, "units": plan.read_units(shards["train"]),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
-                           f"{cfg.schedule.epochs} epochs, {sc.num_workers} workers ({device})"}
+                           f"{cfg.schedule.epochs} epochs, {workers} workers ({device})"}
 
 
 def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, console: dict | None = None):
@@ -340,7 +436,7 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     if ray_line:
         print(ray_line, flush=True)
     check_cluster(cfg)
-    train_ds, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
+    _, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
     # the manifest and description stay here: the workers need neither
     log_lineage(info["mlflow_uri"], info["mlflow_run_id"], info["shards"], info.pop("manifest"),
@@ -350,15 +446,17 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     # One filesystem for the run's storage, built here: Ray Train's controller and workers and this
     # callback use it, with this process's settings (fs_and_path), whatever their environment holds.
     storage_fs, storage_path = fs_and_path(cfg.checkpoint.storage_path)
-    log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], fs_and_path(cfg.run_dir))
     with contextlib.ExitStack() as stack:
         if console is None:  # this run's own, with its system metrics (a sweep's trials: the sweep's)
             system = stack.enter_context(SystemMetricsLog(info["mlflow_uri"]))
             console = stack.enter_context(Console(cfg.run.progress_s, handlers={"system": system.log})).channel()
+        log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], fs_and_path(cfg.run_dir), console)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console},
-            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
+            scaling_config=ScalingConfig(num_workers=tuple(sc.num_workers) if sc.elastic else sc.num_workers,
+                                         elastic_resize_monitor_interval_s=sc.resize_interval_s,
+                                         use_gpu=sc.gpus_per_worker > 0,
                                          resources_per_worker={"CPU": sc.cpus_per_worker,
                                                                **({"GPU": sc.gpus_per_worker}
                                                                   if sc.gpus_per_worker else {})},
@@ -368,10 +466,11 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_best,
                                                    checkpoint_score_attribute="val_error",
                                                    checkpoint_score_order="min"),
+                # a node drained for preemption before it goes costs no max_failures (Ray's own budget, unlimited)
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 logging_config=LoggingConfig(log_level="WARNING"),  # Train's per-report lines: its log files
                 callbacks=[log_epochs, *callbacks]),
-            datasets={"train": train_ds, "val": val_ds},
+            datasets={"val": val_ds},  # training rows: each worker reads its planned ones (train_epoch)
             dataset_config=Ingest(cfg.data.deterministic))
         try:
             result = storage_full_said(trainer.fit)

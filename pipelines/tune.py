@@ -80,7 +80,15 @@ def run_trial(config: dict, console: dict | None = None) -> None:
     base = Config.model_validate(config["base"])
     params = {k: config[k] for k in config["keys"]}
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
-    fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"],
+
+    class EpochsToTune(TuneReportCallback):
+        """Whole epochs only: a checkpoint within an epoch (checkpoint.every_*) has no validation error."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get("partial"):
+                super().after_report(run_context, metrics, checkpoint)
+
+    fit(cfg, callbacks=[EpochsToTune()], parent_run_id=config["parent_run_id"],
         console={**console, "tag": f"{cfg.run.name}: "} if console else None)
 
 
@@ -193,6 +201,10 @@ def sweep(cfg: Config):
     """Run (or resume) the sweep; returns (rows best first, Tune's ResultGrid)."""
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key to search, e.g. tune.space.model.depth=[20, 32]")
+    if cfg.scaling.elastic:  # Tune reserves each trial's resources up front
+        raise ConfigError(f"scaling.num_workers={list(cfg.scaling.num_workers)}: a sweep's trials train with a "
+                          "fixed number of workers; give one number, e.g. scaling.num_workers="
+                          f"{cfg.scaling.min_workers}")
     most = max_epochs(cfg)
     if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > most:
         raise ConfigError(f"tune.grace_period={cfg.tune.grace_period}: ASHA first judges a trial after that many "

@@ -88,16 +88,21 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_says_where(small_disk):
         raise PermissionError(13, "Permission denied")
 
 
-def test_checkpoints_of_a_discarded_attempt_are_found_by_epoch(tmp_path):
-    # b's epoch 3 written before Ray Train got round to registering b's epoch 2: b's, so kept
-    for epoch, attempt in [(1, "a"), (2, "a"), (3, "a"), (2, "b"), (3, "b")]:
-        (tmp_path / checkpoint.checkpoint_name(epoch, attempt)).mkdir()
+def test_checkpoints_of_a_discarded_attempt_are_found_by_position(tmp_path):
+    # b's epoch 3 written before Ray Train got round to registering b's epoch 2: b's, so kept.
+    # Within an epoch: a's step 40 of epoch 2 is at or past b's registered step 20 of it: discarded.
+    for epoch, steps, attempt in [(1, 0, "a"), (1, 10, "a"), (1, 40, "a"), (2, 0, "a"), (3, 0, "a"), (1, 20, "b"),
+                                  (2, 0, "b"), (3, 0, "b")]:
+        (tmp_path / checkpoint.checkpoint_name(epoch, attempt, steps)).mkdir()
     (tmp_path / "checkpoint_2024-01-01_00-00-00.000000").mkdir()  # Ray's own naming: not ours to judge
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
-    kept = checkpoint.checkpoint_name(2, "b")
-    assert sorted(checkpoint.discarded_checkpoints(str(tmp_path), 2, kept)) == [
-        checkpoint.checkpoint_name(2, "a"), checkpoint.checkpoint_name(3, "a")]
-    checkpoint.remove_checkpoints(str(tmp_path), checkpoint.discarded_checkpoints(str(tmp_path), 2, kept))
+    assert checkpoint.position(checkpoint.checkpoint_name(1, "2026-11-30_05-00-00", 20)) == (1, 20)
+    assert checkpoint.position(checkpoint.checkpoint_name(2, "2026-11-30_05-00-00")) == (2, 0)
+    kept = checkpoint.checkpoint_name(1, "b", 20)
+    assert sorted(checkpoint.discarded_checkpoints(str(tmp_path), kept)) == [
+        "checkpoint_000001_s000000040_a", "checkpoint_000002_a", "checkpoint_000003_a"]
+    checkpoint.remove_checkpoints(str(tmp_path), checkpoint.discarded_checkpoints(str(tmp_path), kept))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint_000001_a", "checkpoint_000002_b", "checkpoint_000003_b", "checkpoint_2024-01-01_00-00-00.000000",
+        "checkpoint_000001_a", "checkpoint_000001_s000000010_a", "checkpoint_000001_s000000020_b",
+        "checkpoint_000002_b", "checkpoint_000003_b", "checkpoint_2024-01-01_00-00-00.000000",
         "checkpoint_manager_snapshot.json"]

@@ -280,7 +280,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once
     (["checkpoint.storage_path=/proc/no-such-dir"], "checkpoint.storage_path=/proc/no-such-dir: cannot write"),
     (["scaling.gpus_per_worker=1"], "needs 2 GPUs, the cluster has 0"),
     (["scaling.num_workers=5", "data.batch_size=160"], "training takes 5 of the cluster's 5 CPUs"),
-    (["data.batch_size=2048"], "each of the 2 workers gets 718 training images, fewer than its batch of 1024"),
+    (["data.batch_size=2048"], "has 1437 training images, fewer than one global batch"),
 ])
 def test_mistakes_are_refused_before_any_worker_starts(tmp_path, ray_session, overrides, message):
     cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp_path}", *overrides])
