@@ -118,8 +118,12 @@ class Console:
         return {"queue": self.queue, "interval": self.interval}
 
     def __enter__(self) -> "Console":
+        import ray
         from ray.util.queue import Queue
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        # on this node: a queue on a worker node would end the run when that node is lost or preempted
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
         self.thread.start()
         return self

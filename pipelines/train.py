@@ -15,6 +15,7 @@ the loop continues after the last finished epoch, and the MLflow run continues w
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -64,6 +65,7 @@ class Job:
     schedule: Schedule
     lighting: torch.Generator    # PCA colour noise, one stream per rank
     attempt: str = ""            # when this worker group started: names its checkpoints
+    node: str = ""               # the Ray node this worker runs on
     checkpoint_bytes: int = 0    # rank 0's last checkpoint, to check the storage has room for the next
     epoch: int = 0               # epochs done
     step: int = 0                # steps done, all epochs
@@ -181,8 +183,10 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     t0, waited, delivered, skipped = time.perf_counter(), 0.0, 0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     source = planned_dataset(cfg.data, job.info["shards"], job.info["units"],
-                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
+                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device,
+                             near=job.node)
     batches = feed(job, source, train=True, batch_size=ep.batch, epoch=ep.epoch)
+    audit = RowAudit(job, ep)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
     try:
@@ -196,6 +200,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             delivered += b.rows
             skipped += b.skipped
             ep.done[b.idx] = True
+            audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])
             job.schedule.set(job.step)
             logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share)
             job.step += 1
@@ -211,6 +216,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
                 ep.last_save = time.monotonic()
     finally:
         batches.close()
+        audit.close()
     job.epoch += 1
     job.partial = None
     loss_sum, wrong, seen, skipped, train_time, wait_s = epoch_totals(job, ep, sums, skipped,
@@ -226,6 +232,33 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     mine = {"images_per_s": local[2].item() / spent, "train_loss": local[0].item() / max(local[2].item(), 1),
             "data_wait": waited / spent}
     return row, mine
+
+
+class RowAudit:
+    """With RAY_RESNET_AUDIT_ROWS=DIR in the driver's environment: every step's rows (global numbers)
+    and learning rate, one JSON line each, in DIR/<attempt>-rank<r>.jsonl on the worker's node; a
+    start line gives the attempt's workers and the position it resumed from. What proves each
+    image trained once per epoch (docs/elastic.md); nothing without it."""
+
+    def __init__(self, job: Job, ep: "Epoch"):
+        self.file = None
+        if where := job.info.get("audit_rows"):
+            os.makedirs(where, exist_ok=True)
+            self.file = open(f"{where}/{job.attempt}-rank{job.rank}.jsonl", "a")
+            self.write({"start": [ep.epoch, ep.start], "world": job.world, "rank": job.rank,
+                        "batch": ep.batch})
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def step(self, epoch: int, step: int, idx, lr: float) -> None:
+        if self.file:
+            self.write({"epoch": epoch, "step": step, "lr": lr, "rows": [int(i) for i in idx]})
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
 def epoch_totals(job: Job, ep: Epoch, sums: torch.Tensor, skipped: int, spent: float, waited: float) -> list[float]:
@@ -280,7 +313,7 @@ def train_loop(config: dict) -> None:
     say = WorkerConsole(config.get("console"), enabled=job.rank == 0)
     gauges = Gauges(cfg.run.name, job.rank)
     workers = all_gather((ray.get_runtime_context().get_node_id(), time.strftime("%Y-%m-%d_%H-%M-%S")))
-    nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
+    nodes, job.attempt, job.node = len({node for node, _ in workers}), workers[0][1], workers[job.rank][0]
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
@@ -291,7 +324,8 @@ def train_loop(config: dict) -> None:
     if job.partial:
         p = job.partial
         say.line(f"continuing epoch {job.epoch + 1} from step {p['steps']:,} of "
-                 f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {job.world} workers"
+                 f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {job.world} "
+                 f"worker{'s' if job.world > 1 else ''}"
                  + (f" (its checkpoint was written by {p['workers']})" if p["workers"] != job.world else "")
                  + ": the epoch's remaining images, each once")
     if job.epoch >= cfg.schedule.epochs and job.history:
@@ -350,9 +384,12 @@ class LogEpochs(UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         for rank, e in sorted(worker_exceptions.items()):
             what = (str(e).strip().splitlines() or [""])[0][:200]
-            WorkerConsole(self.console).line(f"worker {rank} failed ({type(e).__name__}: {what}); Ray Train goes "
-                                             f"on from the latest checkpoint ({self.last}) with the workers "
-                                             "the cluster has")
+            try:  # an exception here would end the run
+                WorkerConsole(self.console).line(f"worker {rank} failed ({type(e).__name__}: {what}); Ray Train "
+                                                 f"goes on from the latest checkpoint ({self.last}) with the "
+                                                 "workers the cluster has")
+            except Exception as err:  # noqa: BLE001
+                logging.getLogger(__name__).warning("cannot say that worker %s failed: %s", rank, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +457,7 @@ def preflight(cfg: Config) -> dict:
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
             "manifest": manifest, "units": plan.read_units(shards["train"]),
+            "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
                            f"{cfg.schedule.epochs} epochs, {workers} workers ({device})"}

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pyarrow.fs
+import pyarrow.parquet as pq
 import pytest
 import ray.data
 import torch
@@ -17,10 +18,12 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from pipelines import plan
 from pipelines import shards as S
 from pipelines.config import load_config
-from pipelines.data import (DecodeAugment, ShardSource, ShorterSideRandomResize, build_datasets,
+from pipelines.data import (DecodeAugment, PlanSource, ShardSource, ShorterSideRandomResize, build_datasets,
                             build_transform, decode, epoch_batches, to_device)
+from pipelines.plan import read_units
 from pipelines.shards import ShardError, check_shards
 from tests.conftest import CONFIG, ROOT
 
@@ -207,7 +210,7 @@ def test_read_tasks_cover_every_row_group_once_in_an_order_drawn_per_execution(t
     assert [groups for _, _, groups in shards] == [[256, 256, 256, 256, 76], [256, 81]]  # 1,437 rows
     fs, _ = pyarrow.fs.FileSystem.from_uri(str(out))
     source = ShardSource(shards, fs, ["key"], seed=3)
-    assert [(len(g), n) for _, g, n in source.units] == [(4, 1024), (1, 76), (2, 337)]  # up to 1,024 rows a task
+    assert [(len(u.groups), u.rows) for u in source.units] == [(4, 1024), (1, 76), (2, 337)]  # up to 1,024 rows a task
 
     def order(execution, seed=3):
         context = ray.data.DataContext()
@@ -220,7 +223,20 @@ def test_read_tasks_cover_every_row_group_once_in_an_order_drawn_per_execution(t
     assert len(keys) == len(set(keys)) == 1437 and sum(n for _, n in first) == 1437
     assert order(0)[0] == first                                       # the same execution: the same order
     assert len({tuple(order(e)[0]) for e in range(6)}) > 1            # later epochs: new orders
-    assert [order(e, seed=None)[0] for e in (0, 1)] == [[(p, n) for p, _, n in source.units]] * 2  # no seed: as written
+    assert [order(e, seed=None)[0] for e in (0, 1)] == [[(u.path, u.rows) for u in source.units]] * 2  # no seed: as written
+
+    # A worker's planned rows (pipelines.plan): read in their order, each with its number, and
+    # only the row groups that hold them
+    in_manifest_order = [k for path, _, groups in shards for g in range(len(groups))
+                         for k in pq.ParquetFile(path).read_row_group(g, columns=["key"])["key"].to_pylist()]
+    units = read_units(shards)
+    rows = plan.rank_rows(plan.epoch_order(units, 3, 1), None, 9, 100, 3, 1)  # rank 1 of 3: 33 a step
+    runs = plan.read_runs(units, rows)
+    tables = [t for task in PlanSource(units, runs, fs, ["key"]).get_read_tasks(1) for t in task()]
+    assert [t.num_rows for t in tables] == [len(local) for _, local in runs]
+    idx = [i for t in tables for i in t["idx"].to_pylist()]
+    assert idx == rows.tolist() and len(idx) == 9 * 33
+    assert [k for t in tables for k in t["key"].to_pylist()] == [in_manifest_order[i] for i in idx]
 
 
 def test_the_order_is_reproducible_from_the_seed_and_new_each_epoch(digits_dir, ray_session):

@@ -21,7 +21,16 @@ import torch
 from pipelines.config import HOME, ConfigError, DataSection, load_config
 from pipelines.runtime import free_port
 from tests.conftest import CONFIG
+from tests.test_elastic import audited_steps
 from tests.test_train import SMALL, epochs_logged
+
+
+def read_object(fs, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return b""
 
 BUCKET = "ray-resnet"
 
@@ -97,17 +106,19 @@ def test_a_training_reads_its_shards_from_s3_checkpoints_there_resumes_after_a_k
     # not what this tests. The session's MLflow store: made once (a new one takes seconds).
     store = f"sqlite:///{HOME}/mlflow.db"
     args = ["--config", str(CONFIG), *SMALL, "run.name=s3run", "schedule.epochs=2", "scaling.num_workers=1",
+            "data.batch_size=32", "checkpoint.every_steps=10",
             f"data.shards={shards}", f"checkpoint.storage_path=s3://{BUCKET}/runs", f"mlflow.tracking_uri={store}",
             f"mlflow.artifact_location=s3://{BUCKET}/mlflow", "mlflow.experiment=s3", "run.progress_s=0"]
-    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_RESNET_AUDIT_ROWS": str(tmp_path / "audit")}
     started = time.time()
     proc = run_cli("pipelines.train", *args, env=env, wait=False)
     fs, runs = fs_and_path(f"s3://{BUCKET}/runs/s3run")
     deadline = time.time() + 300
-    # Ray Train has registered epoch 1's checkpoint once its snapshot (in the bucket) names it
-    while fs.get_file_info(f"{runs}/checkpoint_manager_snapshot.json").size is None:
+    # Killed mid-epoch 2: once Ray Train has registered a checkpoint within it (its snapshot, in
+    # the bucket, names it)
+    while b"checkpoint_000001_s" not in read_object(fs, f"{runs}/checkpoint_manager_snapshot.json"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # Ray ends the dead driver's job: its controller and workers
     first = proc.communicate()[0]
     assert "epochs 1..2" in first, first[-3000:]
@@ -117,6 +128,10 @@ def test_a_training_reads_its_shards_from_s3_checkpoints_there_resumes_after_a_k
     assert second.returncode == 0, out[-3000:]
     assert f"resuming run s3run from its latest checkpoint in s3://{BUCKET}/runs/s3run" in out, out[-3000:]
     assert re.search(r"epochs 2\.\.2 \(resumed\)", out), out[-3000:]
+    assert re.search(r"continuing epoch 2 from step [1-3]0 of 44 with 1 worker:", out), out[-3000:]
+    steps = audited_steps(tmp_path / "audit")  # every image once in the interrupted epoch
+    rows = [r for (epoch, _), (step_rows, _, _) in steps.items() if epoch == 2 for r in step_rows]
+    assert sorted(s for e, s in steps if e == 2) == list(range(1, 45)) and len(rows) == len(set(rows)) == 44 * 32
     assert not (tmp_path / "home").exists()  # no local copy of the shards, no local run folder
 
     kept = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(runs))
