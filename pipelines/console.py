@@ -22,7 +22,7 @@ import time
 TABLE = [("epoch", "epoch", 5, "d"), ("lr", "lr", 8, ".4f"), ("train_loss", "train_loss", 10, ".4f"),
          ("train_error", "train_err", 9, ".2%"), ("val_error", "val_err", 8, ".2%"),
          ("val_top5_error", "val_top5", 8, ".2%"), ("images_per_s", "img/s", 7, ".0f"),
-         ("data_wait", "wait", 5, ".0%"), ("epoch_time_s", "time", 6, ".1f")]
+         ("data_wait", "wait", 5, ".0%"), ("workers", "workers", 7, "d"), ("epoch_time_s", "time", 6, ".1f")]
 
 
 def header() -> str:

@@ -347,24 +347,21 @@ def build_datasets(data: DataSection, seed: int, encoded: bool = False):
     return datasets[0], datasets[1], manifest
 
 
-def planned_dataset(data: DataSection, directory: str, units: list, runs: list, encoded: bool = False,
-                    near: str | None = None):
+def planned_dataset(data: DataSection, directory: str, units: list, runs: list, encoded: bool = False):
     """One worker's planned training rows (pipelines.plan's read_runs) as a Ray Dataset like
-    build_datasets' training split, with each row's global number in `idx`. near: a node id whose
-    CPUs read and decode them when they are free (the worker's: decoded images stay on its node)."""
+    build_datasets' training split, with each row's global number in `idx`. Its tasks run on any
+    node's free CPUs (pinned to the worker's node, they would wait for ever where workers hold
+    every CPU)."""
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     fs, _ = fs_and_path(directory)
-    where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(near, soft=True)} if near else {}
     source = PlanSource(units, runs, fs, ["image", "label", "key"], skip_damaged=data.bad_records == "skip")
-    ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(runs)), ray_remote_args=where)
-    return prepared(ds, data, True, encoded, where)
+    return prepared(ray.data.read_datasource(source, override_num_blocks=max(1, len(runs))), data, True, encoded)
 
 
-def prepared(ds, data: DataSection, train: bool, encoded: bool, remote_args: dict | None = None):
+def prepared(ds, data: DataSection, train: bool, encoded: bool):
     """Read rows -> decoded, augmented rows (unless encoded), with this project's execution settings."""
     if not encoded:
-        ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1, **(remote_args or {}))
+        ds = ds.map_batches(DecodeAugment(data, train), batch_size=None, num_cpus=1)
         # One output block per decode_batch chunk (64 crops of 224x224: 9.6 MB). A larger limit
         # merges chunks into blocks Ray Data's backpressure cannot hold back in a small object
         # store; a smaller one splits each chunk in two, and copies it again.
@@ -414,8 +411,9 @@ def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:
 
 
 class Ingest(DataConfig):
-    """How the datasets reach the Ray Train workers: training split equally (every worker must take
-    the same number of DDP steps), validation split unequally so that no image is dropped."""
+    """How the validation split reaches the Ray Train workers: split unequally, so that no image is
+    dropped. (Each worker reads its own training rows: pipelines.plan, planned_dataset.) A training
+    split given too is split equally, as Ray Train does."""
 
     def __init__(self, deterministic: bool):
         with warnings.catch_warnings():  # Ray's own defaults trip its exclude_resources deprecation

@@ -235,7 +235,8 @@ def evaluate_split(model: nn.Module, cfg: Config, views: Views, max_batch: int) 
     ds = ds.map_batches(Decode(cfg.data, views), batch_size=cfg.data.decode_batch, num_cpus=1)
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model, "cfg": cfg, "views": views,
                                                        "max_batch": max_batch},
-                        compute=ray.data.ActorPoolStrategy(size=sc.max_workers), batch_size=cfg.data.decode_batch,
+                        compute=ray.data.ActorPoolStrategy(min_size=sc.min_workers, max_size=sc.max_workers),
+                        batch_size=cfg.data.decode_batch,
                         num_cpus=sc.cpus_per_worker, num_gpus=sc.gpus_per_worker)
     seen, top1, top5 = set(), 0, 0
     try:

@@ -114,7 +114,7 @@ def describe_data(cfg: Config) -> str:
             f"- Budget: {s.epochs} epochs, global batch {cfg.data.batch_size}, lr {cfg.optim.lr} at batch "
             f"{cfg.optim.lr_batch} ({steps}), weight decay {cfg.optim.weight_decay}, momentum "
             f"{cfg.optim.momentum}; `{cfg.data.train_transform}` augmentation; "
-            f"{cfg.scaling.num_workers} workers x {'GPU' if cfg.scaling.gpus_per_worker else 'CPU'}.\n"
+            f"{cfg.scaling.max_workers} workers x {'GPU' if cfg.scaling.gpus_per_worker else 'CPU'}.\n"
             "- Our errors are single-crop on the validation split; the papers' are CIFAR-10 test error, or "
             "ImageNet validation top-1 with 10 crops.\n")
 

@@ -1,6 +1,6 @@
 """Batches prepared ahead of the training step: host batches in, device batches out.
 
-    for x, y, rows, skipped, idx in epoch_feed(shard, cfg, epoch, rank, device, channels_last, train=True, batch_size=64):
+    for b in epoch_feed(shard, cfg, epoch, rank, device, channels_last, train=True, batch_size=64):
         train_step(...)
 
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the

@@ -65,12 +65,12 @@ class Job:
     schedule: Schedule
     lighting: torch.Generator    # PCA colour noise, one stream per rank
     attempt: str = ""            # when this worker group started: names its checkpoints
-    node: str = ""               # the Ray node this worker runs on
     checkpoint_bytes: int = 0    # rank 0's last checkpoint, to check the storage has room for the next
     epoch: int = 0               # epochs done
     step: int = 0                # steps done, all epochs
     history: list = field(default_factory=list)
-    partial: dict | None = None  # the next epoch, when a checkpoint within it was resumed: see partial_state
+    partial: dict | None = None  # the next epoch, when a checkpoint within it was resumed (train_epoch)
+    preemption: tuple | None = None  # the preemption notice already checkpointed for
 
     @property
     def net(self) -> nn.Module:
@@ -135,20 +135,28 @@ class Epoch:
     to checkpoint within it. A resumed checkpoint taken within it (job.partial) gives the steps and
     rows already done and their sums."""
 
-    def __init__(self, job: Job):
-        cfg, n = job.cfg, job.info["train_rows"]
-        self.steps = plan.steps_per_epoch(n, cfg.data.batch_size)
-        p = job.partial or {"steps": 0, "done": None, "sums": [0.0] * 6, "workers": job.world}
-        self.start, self.carried, self.was = p["steps"], p["sums"], p["workers"]
+    def __init__(self, job: Job, say: WorkerConsole):
+        from ray.train.collective import broadcast_from_rank_zero
+        cfg, n, b = job.cfg, job.info["train_rows"], job.cfg.data.batch_size
+        self.steps = plan.steps_per_epoch(n, b)
+        p = job.partial
+        if p and (p.get("batch"), p.get("rows")) != (b, n):
+            say.line(f"the checkpoint within epoch {job.epoch + 1} was written with data.batch_size="
+                     f"{p.get('batch')} over {p.get('rows')} images, now {b} over {n}: epoch {job.epoch + 1} "
+                     "starts over")
+            p = None
+        p = p or {"steps": 0, "done": None, "sums": [0.0] * 6, "workers": job.world}
+        self.start, self.carried = p["steps"], p["sums"]
         self.done = plan.unpack(p["done"].numpy(), n) if p["done"] is not None else np.zeros(n, bool)
         self.epoch = job.epoch + 1  # the one in progress
         order = plan.epoch_order(job.info["units"], cfg.run.seed, self.epoch)
-        self.rows = plan.rank_rows(order, self.done, self.steps - self.start, cfg.data.batch_size, job.world, job.rank)
-        self.batch = plan.rank_batches(cfg.data.batch_size, job.world)[job.rank]
-        last = job.history[-1] if job.history else None  # the same on every worker: the check's spacing agrees
+        self.rows = plan.rank_rows(order, self.done, self.steps - self.start, b, job.world, job.rank)
+        self.batch = plan.rank_batches(b, job.world)[job.rank]
+        # Steps between two asks whether a node is being preempted: rank 0's (a collective must be
+        # asked at the same steps by every worker), from its previous epoch's time a step.
+        last = job.history[-1] if job.history else None
         step_s = last["epoch_time_s"] / max(self.steps, 1) if last else 0.0
-        self.check_every = max(1, round(PREEMPTION_CHECK_S / step_s)) if step_s else 10
-        self.saved_for = None       # the preemption already checkpointed for
+        self.check_every = broadcast_from_rank_zero(max(1, round(PREEMPTION_CHECK_S / step_s)) if step_s else 10)
         self.last_save = time.monotonic()
 
     def due(self, job: Job, step: int, say: WorkerConsole) -> bool:
@@ -161,9 +169,11 @@ class Epoch:
         if step % self.check_every:
             return due
         info = ray.train.get_preemption_info()
-        if info is not None and info.deadline_ms != self.saved_for:
-            self.saved_for = info.deadline_ms
-            left = f"{(info.deadline_ms / 1000 - time.time()):.0f} s before its deadline" if info.deadline_ms else "no deadline"
+        notice = None if info is None else (info.deadline_ms, tuple(sorted(info.preempted_node_ids)))
+        if notice is not None and notice != job.preemption:  # a new notice: checkpoint once for it
+            job.preemption = notice
+            left = (f"{(info.deadline_ms / 1000 - time.time()):.0f} s before its deadline" if info.deadline_ms
+                    else "no deadline")
             say.line(f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} being preempted ({left}): "
                      f"checkpoint at step {step:,} of {self.steps:,} of epoch {self.epoch}")
             due = True
@@ -178,13 +188,12 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     all workers, this worker's for its gauges). Counts stay on the device until the epoch ends or a
     checkpoint within it: no step waits for the GPU to report a number."""
     cfg = job.cfg
-    ep = Epoch(job)
+    ep = Epoch(job, say)
     job.model.train()
     t0, waited, delivered, skipped = time.perf_counter(), 0.0, 0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     source = planned_dataset(cfg.data, job.info["shards"], job.info["units"],
-                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device,
-                             near=job.node)
+                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
     batches = feed(job, source, train=True, batch_size=ep.batch, epoch=ep.epoch)
     audit = RowAudit(job, ep)
     share = cfg.data.batch_size / job.world
@@ -207,11 +216,11 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             ok = b.y >= 0  # all but a batch's one kept placeholder
             n = ok.sum()
             sums += torch.stack([loss.float() * n, ((logits.argmax(1) != b.y) & ok).sum(), n]).double()
-            say.step(delivered * job.world, waited)
+            say.step((s - ep.start) * cfg.data.batch_size, waited)
             if ep.due(job, s, say):
                 totals = epoch_totals(job, ep, sums, skipped, time.perf_counter() - t0, waited)
                 job.partial = {"steps": s, "done": torch.from_numpy(plan.pack(ep.done)), "sums": totals,
-                               "workers": job.world}
+                               "workers": job.world, "batch": cfg.data.batch_size, "rows": job.info["train_rows"]}
                 save_and_report(job, {"epoch": ep.epoch, "step": s, "partial": True, "val_error": float("nan")})
                 ep.last_save = time.monotonic()
     finally:
@@ -313,7 +322,7 @@ def train_loop(config: dict) -> None:
     say = WorkerConsole(config.get("console"), enabled=job.rank == 0)
     gauges = Gauges(cfg.run.name, job.rank)
     workers = all_gather((ray.get_runtime_context().get_node_id(), time.strftime("%Y-%m-%d_%H-%M-%S")))
-    nodes, job.attempt, job.node = len({node for node, _ in workers}), workers[0][1], workers[job.rank][0]
+    nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
@@ -363,13 +372,14 @@ class LogEpochs(UserCallback):
 
     def __init__(self, uri: str, run_id: str, run_dir, console: dict | None = None):
         self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None  # run_dir: fs_and_path's
-        self.console, self.last = console, "no checkpoint yet"
+        self.console, self.last = console, "its latest checkpoint"
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if checkpoint is None:
             return
         row = metrics[0]
-        remove_checkpoints(self.run_dir, discarded_checkpoints(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+        name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        remove_checkpoints(self.run_dir, discarded_checkpoints(self.run_dir, name))
         self.last = (f"step {row['step']:,} of epoch {row['epoch']}" if row.get("partial")
                      else f"the end of epoch {row['epoch']}")
         if row.get("partial"):
@@ -385,9 +395,9 @@ class LogEpochs(UserCallback):
         for rank, e in sorted(worker_exceptions.items()):
             what = (str(e).strip().splitlines() or [""])[0][:200]
             try:  # an exception here would end the run
-                WorkerConsole(self.console).line(f"worker {rank} failed ({type(e).__name__}: {what}); Ray Train "
-                                                 f"goes on from the latest checkpoint ({self.last}) with the "
-                                                 "workers the cluster has")
+                WorkerConsole(self.console).line(f"worker {rank} failed ({type(e).__name__}: {what}); unless "
+                                                 f"run.max_failures is spent, Ray Train goes on from {self.last} "
+                                                 "with the workers the cluster has")
             except Exception as err:  # noqa: BLE001
                 logging.getLogger(__name__).warning("cannot say that worker %s failed: %s", rank, err)
 

@@ -101,7 +101,9 @@ def log_trial_models(cfg: Config, uri: str) -> None:
     for info in found:
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             with contextlib.suppress(CheckpointError):  # one a failed write left: not a model
-                states.append(load_state(ray.train.Checkpoint(info.path, filesystem=fs)))
+                state = load_state(ray.train.Checkpoint(info.path, filesystem=fs))
+                if not state.get("partial"):  # one within an epoch: not a model of an epoch
+                    states.append(state)
     if states:
         final = max(states, key=lambda s: s["epoch"])
         log_models(cfg, uri, final, min(states, key=lambda s: s["history"][-1]["val_error"]))

@@ -165,7 +165,7 @@ def test_kuberay_raycluster_and_rayjob_carry_gpus_shared_storage_secrets_and_tok
     args = job["spec"]["entrypoint"].split()
     assert args[:5] == ["python", "-m", "pipelines.train", "--config", "/home/ray/ray-resnet/ray_config.yaml"]
     cfg = load_config(CONFIG, args[5:])
-    gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+    gpus = cfg.scaling.max_workers * cfg.scaling.gpus_per_worker
     assert cfg.model.name == "resnet50" and gpus == 8 * job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
 
     (monitor,) = kuberay("monitoring.yaml")

@@ -10,13 +10,14 @@ from pipelines.console import ConsoleView, WorkerConsole, header, progress_line,
 from tests.conftest import ROOT
 
 ROW = {"epoch": 7, "lr": 0.01, "train_loss": 0.0653, "train_error": 0.0192, "val_error": 0.0083,
-       "val_top5_error": 0.0, "images_per_s": 363.4, "data_wait": 0.1, "epoch_time_s": 4.3,
+       "val_top5_error": 0.0, "images_per_s": 363.4, "data_wait": 0.1, "workers": 2, "epoch_time_s": 4.3,
        "train_skipped": 0, "val_skipped": 0}
 
 
 def test_the_table_row_lines_up_under_its_header_and_counts_undecodable_images():
     assert len(table_row(ROW)) == len(header())
-    assert table_row(ROW).split() == ["7", "0.0100", "0.0653", "1.92%", "0.83%", "0.00%", "363", "10%", "4.3s"]
+    assert table_row(ROW).split() == ["7", "0.0100", "0.0653", "1.92%", "0.83%", "0.00%", "363", "10%", "2",
+                                     "4.3s"]
     assert table_row({**ROW, "train_skipped": 3}).endswith("(3 training images undecodable: data.bad_records=skip)")
 
 
