@@ -147,6 +147,9 @@ class ScalingSection(Section):
     # once min fit, grow to max as nodes join, go on with those left when one is lost (docs/elastic.md)
     num_workers: int | tuple[int, int] = 2
     resize_interval_s: float = Field(60, ge=1)  # elastic: how often Ray Train looks for room to grow
+    # At most this many rows through the model at once per worker (what its memory holds): more,
+    # when few workers share the global batch, are accumulated in micro-batches. None: no limit.
+    max_worker_batch: int | None = Field(None, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)  # 0: train on CPUs with gloo
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -11,6 +11,7 @@ says what each key changes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -92,25 +93,36 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, cfg: Config,
-               amp: torch.dtype | None, share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               x: torch.Tensor, y: torch.Tensor, cfg: Config, amp: torch.dtype | None, share: float | None = None,
+               micro: int | None = None, no_sync=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward (DDP averages the gradients over workers), update: (logits, mean loss).
 
     share: the worker's nominal rows of the global batch (batch / workers). Its loss is its rows'
     sum divided by share, so DDP's average over workers is the mean over the global batch even when
     workers take unequal rows (pipelines.plan.rank_batches). None: the mean over this batch.
+    micro: at most this many rows through the model at once; a larger batch goes through in equal
+    micro-batches whose gradients add up before the one update (no_sync: the DDP module's, so that
+    only the last exchanges gradients). BatchNorm's statistics are then per micro-batch.
     A row labelled -1 (the placeholder of an undecodable image, data.bad_records=skip, which the
     loop keeps only when a batch holds nothing else) counts for nothing in the loss: such a batch
     steps with a zero loss, since DDP needs every worker's step."""
     valid = (y >= 0).sum().clamp(min=1)
-    with autocast(x.device, amp):
-        logits = model(x)
-        total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum", label_smoothing=cfg.optim.label_smoothing)
+    divisor = valid if share is None else share
+    parts = -(-len(y) // micro) if micro and len(y) > micro else 1
     opt.zero_grad(set_to_none=True)
-    scaler.scale(total / (valid if share is None else share)).backward()
+    logits, total = [], 0.0
+    for i, (xs, ys) in enumerate(zip(x.tensor_split(parts), y.tensor_split(parts))):
+        with no_sync() if no_sync is not None and i < parts - 1 else contextlib.nullcontext():
+            with autocast(x.device, amp):
+                out = model(xs)
+                loss = F.cross_entropy(out, ys, ignore_index=-1, reduction="sum",
+                                       label_smoothing=cfg.optim.label_smoothing)
+            scaler.scale(loss / divisor).backward()
+        logits.append(out.detach())
+        total = total + loss.detach()
     scaler.step(opt)
     scaler.update()
-    return logits.detach(), (total / valid).detach()
+    return logits[0] if parts == 1 else torch.cat(logits), total / valid
 
 
 def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics) -> torch.Tensor:

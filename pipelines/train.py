@@ -211,7 +211,8 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             ep.done[b.idx] = True
             audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])
             job.schedule.set(job.step)
-            logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share)
+            logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share,
+                                      cfg.scaling.max_worker_batch, getattr(job.model, "no_sync", None))
             job.step += 1
             ok = b.y >= 0  # all but a batch's one kept placeholder
             n = ok.sum()
@@ -286,7 +287,9 @@ def validate(job: Job, shard) -> dict:
 
     def batches():
         nonlocal skipped
-        for b in feed(job, shard, train=False, batch_size=-(-job.cfg.data.batch_size // job.world), epoch=job.epoch):
+        whole = job.cfg.data.batch_size
+        size = min(-(-whole // job.world), job.cfg.scaling.max_worker_batch or whole)
+        for b in feed(job, shard, train=False, batch_size=size, epoch=job.epoch):
             skipped += b.skipped
             if len(b.y):
                 yield b.x, b.y
@@ -325,10 +328,12 @@ def train_loop(config: dict) -> None:
     nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
+    limit = cfg.scaling.max_worker_batch
+    micro = f", in micro-batches of at most {limit}" if limit and per_worker[0] > limit else ""
     say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
-             + f"({' or '.join(map(str, per_worker))} a worker); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
+             + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch or job.partial else ""))
     if job.partial:
         p = job.partial

@@ -153,6 +153,27 @@ def test_ddp_workers_take_the_same_steps_as_one_worker_with_the_whole_batch(tmp_
         torch.testing.assert_close(three[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_micro_batches_add_up_to_the_step_of_the_whole_batch(tmp_path):
+    """scaling.max_worker_batch: 32 rows through the model at most 7 at a time (5 micro-batches), one
+    update: the same weights as one pass of 32 (BN from its running statistics, as above)."""
+    cfg = small_cfg(tmp_path, "scaling.max_worker_batch=7")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    weights, losses = [], []
+    for micro in (None, cfg.scaling.max_worker_batch):
+        torch.manual_seed(0)
+        model = build_model("cifar_resnet8", num_classes=10).eval()
+        opt = make_optimizer(model, cfg.optim, global_batch=32)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        logits, loss = zip(*[train_step(model, opt, scaler, x, y, cfg, None, share=32, micro=micro) for _ in range(2)])
+        assert logits[0].shape == (32, 10)
+        weights.append(model.state_dict())
+        losses.append(torch.stack(loss))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("amp, channels_last, compile, tol", [
     (None, True, False, 1e-4), (torch.bfloat16, False, False, 3e-2), (torch.bfloat16, True, False, 3e-2),
     (None, False, True, 1e-4)])
