@@ -347,13 +347,13 @@ def build_datasets(data: DataSection, seed: int, encoded: bool = False):
     return datasets[0], datasets[1], manifest
 
 
-def planned_dataset(data: DataSection, directory: str, units: list, runs: list, encoded: bool = False):
-    """One worker's planned training rows (pipelines.plan's read_runs) as a Ray Dataset like
+def planned_dataset(data: DataSection, fs, units: list, runs: list, encoded: bool = False):
+    """One worker's planned training rows (pipelines.plan's read_runs of the shards on fs, the
+    driver's fs_and_path: a worker's environment may lack its settings) as a Ray Dataset like
     build_datasets' training split, with each row's global number in `idx`. Its tasks run on any
     node's free CPUs (pinned to the worker's node, they would wait for ever where workers hold
     every CPU)."""
     import ray.data
-    fs, _ = fs_and_path(directory)
     source = PlanSource(units, runs, fs, ["image", "label", "key"], skip_damaged=data.bad_records == "skip")
     return prepared(ray.data.read_datasource(source, override_num_blocks=max(1, len(runs))), data, True, encoded)
 

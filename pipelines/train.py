@@ -192,7 +192,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     job.model.train()
     t0, waited, delivered, skipped = time.perf_counter(), 0.0, 0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
-    source = planned_dataset(cfg.data, job.info["shards"], job.info["units"],
+    source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
                              plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
     batches = feed(job, source, train=True, batch_size=ep.batch, epoch=ep.epoch)
     audit = RowAudit(job, ep)
@@ -471,7 +471,7 @@ def preflight(cfg: Config) -> dict:
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
-            "manifest": manifest, "units": plan.read_units(shards["train"]),
+            "manifest": manifest, "units": plan.read_units(shards["train"]), "shards_fs": fs_and_path(directory)[0],
             "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "

@@ -2,6 +2,7 @@
 (ray.cluster_utils): a node drained for preemption, a node joining, a node lost without warning,
 one run through them all; every image trained once per epoch, by the recipe's batch and lr."""
 import json
+import os
 import re
 import threading
 import time
@@ -78,7 +79,8 @@ def test_lose_a_node_get_one_back_preempt_one_and_keep_every_image_once(tmp_path
                        "scaling.cpus_per_worker=2", "scaling.resize_interval_s=2", "checkpoint.every_steps=10",
                        "run.max_failures=1", "mlflow.system_metrics_s=0", "run.progress_s=0", wait=False,
                        env={"RAY_ADDRESS": cluster.address, "RAY_RESNET_AUDIT_ROWS": str(audit),
-                            "RAY_AUTH_MODE": "disabled",  # as this process started the cluster
+                            # as this process started the cluster (other tests may have turned tokens on)
+                            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
                             # a restart right after a loss may ask for a worker too many (docs/elastic.md)
                             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
