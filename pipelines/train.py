@@ -128,6 +128,10 @@ def feed(job: Job, source, train: bool, batch_size: int, epoch: int):
 # Steps between two asks whether a node of the run is being preempted (a collective: every worker
 # asks at the same steps), aimed at this many seconds apart.
 PREEMPTION_CHECK_S = 2.0
+# What a checkpoint within an epoch reports to Ray Train as its validation error: worse than any
+# (errors are at most 1), so that checkpoint.keep_best drops it first. Not NaN or inf: Ray's
+# checkpoint list stores them as null, and a resumed run then fails comparing scores.
+PARTIAL_VAL_ERROR = 2.0
 
 
 class Epoch:
@@ -190,7 +194,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     cfg = job.cfg
     ep = Epoch(job, say)
     job.model.train()
-    t0, waited, delivered, skipped = time.perf_counter(), 0.0, 0, 0
+    t0, waited, skipped = time.perf_counter(), 0.0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
                              plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
@@ -206,7 +210,6 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             if b is None:  # each worker was given rows for exactly its steps
                 raise RuntimeError(f"rank {job.rank}: its planned rows ended at step {s} of {ep.steps} of epoch "
                                    f"{ep.epoch}")
-            delivered += b.rows
             skipped += b.skipped
             ep.done[b.idx] = True
             audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])
@@ -222,7 +225,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
                 totals = epoch_totals(job, ep, sums, skipped, time.perf_counter() - t0, waited)
                 job.partial = {"steps": s, "done": torch.from_numpy(plan.pack(ep.done)), "sums": totals,
                                "workers": job.world, "batch": cfg.data.batch_size, "rows": job.info["train_rows"]}
-                save_and_report(job, {"epoch": ep.epoch, "step": s, "partial": True, "val_error": float("nan")})
+                save_and_report(job, {"epoch": ep.epoch, "step": s, "partial": True, "val_error": PARTIAL_VAL_ERROR})
                 ep.last_save = time.monotonic()
     finally:
         batches.close()
