@@ -189,7 +189,7 @@ class ScalingSection(Section):
     @model_validator(mode="after")
     def _check(self) -> "ScalingSection":
         if self.elastic and self.placement_strategy.startswith("STRICT"):
-            # Ray sizes an elastic group from the nodes' free resources alone, not the strategy:
+            # Ray sizes an elastic group from the nodes' resources alone, not the strategy:
             # a size it picks could never be placed
             raise ValueError(f"placement_strategy={self.placement_strategy}: with num_workers="
                              f"{list(self.num_workers)} use PACK or SPREAD")
