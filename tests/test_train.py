@@ -389,3 +389,37 @@ def test_undecodable_rows_leave_the_batch_on_the_host_and_a_batch_of_nothing_els
     _, loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), torch.zeros(1, 3, 32, 32),
                          torch.tensor([-1]), cfg, None)
     assert loss.item() == 0.0
+
+
+def test_checkpoints_within_an_epoch_come_every_n_steps_every_m_minutes_and_once_a_preemption_notice(
+        tmp_path, monkeypatch):
+    """Epoch.due, with Ray Train's collectives replaced by one worker's answers: every_steps by the
+    step count; a preemption notice (with or without a deadline) once, and again for another node;
+    every_minutes by rank 0's clock, asked at the same steps as the notices."""
+    import types
+
+    import ray.train
+    import ray.train.collective
+    from pipelines import plan
+    from pipelines.train import Epoch
+
+    notices = []
+    monkeypatch.setattr(ray.train, "get_preemption_info", lambda: notices[-1] if notices else None)
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda value: value)
+    cfg = small_cfg(tmp_path, "checkpoint.every_steps=5", "data.batch_size=24")
+    units = plan.read_units([("a", 0, [256] * 5 + [181])])  # 1,461 rows: 60 steps of 24
+    job = types.SimpleNamespace(cfg=cfg, info={"train_rows": 1461, "units": units}, world=2, rank=0, epoch=0,
+                                history=[], partial=None, preemption=None)
+    say = types.SimpleNamespace(lines=[])
+    say.line = say.lines.append
+    ep = Epoch(job, say)
+    assert (ep.steps, ep.check_every, len(ep.rows), ep.batch) == (60, 10, 60 * 12, 12)
+    assert [s for s in range(1, 61) if ep.due(job, s, say)] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55]
+    notices.append(ray.train.PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n1": [1]}))
+    assert [s for s in range(1, 31) if ep.due(job, s, say)] == [5, 10, 15, 20, 25, 30]  # 10: for the notice too
+    assert len(say.lines) == 1 and "being preempted (no deadline): checkpoint at step 10 of 60" in say.lines[0]
+    notices.append(ray.train.PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"n2": [0]}))
+    assert ep.due(job, 40, say) and len(say.lines) == 2  # another node: said and checkpointed again
+    job.cfg = small_cfg(tmp_path, "checkpoint.every_minutes=1", "data.batch_size=24")
+    ep.last_save -= 61
+    assert [s for s in range(41, 61) if ep.due(job, s, say)] == [50]  # asked at the notices' steps only
