@@ -149,7 +149,7 @@ class Epoch:
                      f"{p.get('batch')} over {p.get('rows')} images, now {b} over {n}: epoch {job.epoch + 1} "
                      "starts over")
             p = None
-        p = p or {"steps": 0, "done": None, "sums": [0.0] * 6, "workers": job.world}
+        p = p or {"steps": 0, "done": None, "sums": [0.0] * 6}
         self.start, self.carried = p["steps"], p["sums"]
         self.done = plan.unpack(p["done"].numpy(), n) if p["done"] is not None else np.zeros(n, bool)
         self.epoch = job.epoch + 1  # the one in progress
