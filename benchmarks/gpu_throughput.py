@@ -3,9 +3,11 @@
 Rows, all on the same JPEG shards in one run:
 1. the compute ceiling on synthetic data, 224x224: fp32; bf16 autocast; + channels_last; + fused
    SGD; + torch.compile; + torch.compile with CUDA graphs (mode reduce-overhead);
-2. the input alone, no model: a. decoded by Ray Data on the CPUs, copied from pinned memory
-   (data.decode=cpu); b. decoded and augmented on the GPU (data.decode=gpu); both through the
-   product's feed (pipelines.feed), RandomResizedCrop(224) + flip;
+2. the input alone, no model, through the product's input (a training worker's planned rows,
+   pipelines.plan, read by a Ray Data pipeline of its own, then pipelines.feed), RandomResizedCrop(224)
+   + flip: the encoded rows alone reaching the worker (the host's side of b); a. decoded by Ray
+   Data on the CPUs, copied from pinned memory (data.decode=cpu); b. decoded and augmented on the
+   GPU (data.decode=gpu);
 3. end to end in this process: (2)'s feed into the fastest step of (1);
 4. end to end through the product: `python -m pipelines.train` with an ImageNet-style config
    (ResNet-50, 224, RandomResizedCrop + flip, one GPU worker, Ray Data ingest, MLflow on, its
@@ -115,15 +117,24 @@ def bench_config(shards: Path, a, decode: str):
     return load_config(ROOT / "ray_config.yaml", [*input_overrides(shards, a), f"data.decode={decode}"])
 
 
-def feed_batches(cfg, device, channels_last: bool):
-    """The product's training feed over the shards, epoch after epoch (a Ray Dataset, one worker)."""
-    from pipelines.data import build_datasets
+def feed_batches(cfg, device, channels_last: bool, host_only: bool = False):
+    """The product's training input for one worker, epoch after epoch: its planned rows (as
+    pipelines.train reads them) through pipelines.feed, or with host_only the host batches alone."""
+    from pipelines import plan
+    from pipelines.data import epoch_batches, planned_dataset
     from pipelines.feed import epoch_feed
-    train_ds, _, _ = build_datasets(cfg.data, seed=0, encoded=cfg.decode_on_device)
+    from pipelines.shards import check_shards, fs_and_path
+    units = plan.read_units(check_shards(cfg.data.shards, "train"))
+    fs, batch, seed = fs_and_path(cfg.data.shards)[0], cfg.data.batch_size, cfg.run.seed
     epoch = 0
     while True:
         epoch += 1
-        yield from epoch_feed(train_ds, cfg, epoch, 0, device, channels_last, train=True, batch_size=cfg.data.batch_size)
+        rows = plan.worker_rows(units, seed, epoch, batch, world=1, rank=0)
+        source = planned_dataset(cfg.data, fs, units, plan.read_runs(units, rows), encoded=cfg.decode_on_device)
+        if host_only:
+            yield from epoch_batches(source, cfg.data, epoch, seed, batch, train=True)
+        else:
+            yield from epoch_feed(source, cfg, epoch, 0, device, channels_last, train=True, batch_size=batch)
 
 
 def decode_alone(shards: Path, a, device, row) -> None:
@@ -247,9 +258,13 @@ def main() -> None:
         ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": SETUP_HOOK}, logging_level=logging.ERROR)
         quiet_ray_data()
-        paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPUs"), ("b", "gpu", f"decoded on the {device.type}")]
+        paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"), ("b", "gpu", f"decoded on the {device.type}")]
         print("\n2. the input alone: the JPEG decoders on one batch, then the product's feed (RandomResizedCrop + flip)")
         decode_alone(shards, a, device, row)
+        batches = feed_batches(bench_config(shards, a, "gpu"), device, channels_last=True, host_only=True)
+        row("   encoded rows alone, reaching the worker", timed(lambda i: next(batches), device, a.batch, a.steps,
+                                                               a.warmup), training=False)
+        batches.close()
         for key, decode, label in paths:
             batches = feed_batches(bench_config(shards, a, decode), device, channels_last=True)
             row(f"{key}. {label}", timed(lambda i: next(batches), device, a.batch, a.steps, a.warmup), training=False)

@@ -9,7 +9,7 @@ mixes with the next attempt's):
                  name and classes, and the config it trained with (a dict); within an
                  epoch, `partial`: the epoch's steps done, its rows done (a bit each,
                  pipelines.plan.pack) and its running sums
-    rng-<r>.pt   each rank's random streams (torch, Python, PCA lighting, CUDA) as tensors and
+    rng-<r>.pt   each rank's random streams (torch, Python, CUDA) as tensors and
                  plain lists, so a resumed run with the same workers draws what it would have drawn
 
 Every file is read with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts
@@ -153,17 +153,17 @@ def load_state(where, need: tuple[str, ...] = MODEL_KEYS) -> dict:
     return state
 
 
-def rng_state(lighting: torch.Generator) -> dict:
-    """This process's random streams, as tensors and plain lists."""
+def rng_state() -> dict:
+    """This process's random streams, as tensors and plain lists. (The data's augmentation streams
+    are functions of seed, epoch and rank: pipelines.feed.)"""
     version, internal, gauss = random.getstate()
-    rng = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
-           "lighting": lighting.get_state()}
+    rng = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     return rng
 
 
-def restore_rng(directory: str, rank: int, lighting: torch.Generator) -> bool:
+def restore_rng(directory: str, rank: int) -> bool:
     """Continue rank's random streams from a checkpoint; False when it has none for this rank (the
     run resumed with more workers than it had)."""
     path = Path(directory, f"rng-{rank}.pt")
@@ -174,7 +174,6 @@ def restore_rng(directory: str, rank: int, lighting: torch.Generator) -> bool:
         version, internal, gauss = rng["python"]
         torch.set_rng_state(rng["torch"])
         random.setstate((version, tuple(internal), gauss))
-        lighting.set_state(rng["lighting"])
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
     except Exception as e:

@@ -43,80 +43,104 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
                    ahead: int = 2):
     """prepare(batch) for each host batch, up to ahead batches in advance (0: in this thread, one
     at a time). A batch for which prepare returns None is left out. An error in the thread is
-    raised here, in the consumer's thread."""
-    if ahead <= 0:
-        for batch in batches:
-            if (out := prepare(batch)) is not None:
-                yield out
-        return
-    cuda = device.type == "cuda"
-    if cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
-        device = torch.device("cuda", torch.cuda.current_device())
-    side = torch.cuda.Stream(device) if cuda else None
-    ready: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
+    raised here, in the consumer's thread. With ahead, the work starts now, not at the first next()."""
+    if ahead > 0:
+        return Prefetch(batches, prepare, device, ahead)
+    return (out for batch in batches if (out := prepare(batch)) is not None)
 
-    def put(item) -> bool:
-        while not stop.is_set():
+
+class Prefetch:
+    """device_batches' iterator with a thread that prepares ahead on a CUDA stream of its own.
+    close() stops the thread (train_epoch's finally, or an epoch started early and not used)."""
+
+    def __init__(self, batches: Iterable, prepare: Callable, device: torch.device, ahead: int):
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.prepare = device, prepare
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self.stop = threading.Event()
+        self.ended = False
+        self.source = iter(batches)
+        self.thread = threading.Thread(target=self._work, name="device-batches", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self.ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    source = iter(batches)
-
-    def work():
+    def _work(self) -> None:
         try:
-            if cuda:
-                torch.cuda.set_device(device)
-            for batch in source:
-                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                    out = prepare(batch)
-                    event = torch.cuda.Event() if cuda else None
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+            for batch in self.source:
+                with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
+                    out = self.prepare(batch)
+                    event = torch.cuda.Event() if self.cuda else None
                     if event is not None:
-                        event.record(side)
-                if out is not None and not put((out, event)):
+                        event.record(self.side)
+                if out is not None and not self._put((out, event)):
                     return
-            put(_DONE)
+            self._put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
-            put(_Failed(e))
+            self._put(_Failed(e))
         finally:  # a consumer that stopped early: end the source's iteration here, while Ray is up
-            getattr(source, "close", lambda: None)()
+            getattr(self.source, "close", lambda: None)()
 
-    thread = threading.Thread(target=work, name="device-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ended:
+            raise StopIteration
+        item = self.ready.get()
+        if item is _DONE or isinstance(item, _Failed):
+            self.close()
             if item is _DONE:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            out, event = item
-            if event is not None:
-                stream = torch.cuda.current_stream(device)
-                stream.wait_event(event)
-                for t in (out.x, out.y):  # the allocator must not reuse their memory before this stream is done
-                    t.record_stream(stream)
-            yield out
-    finally:
-        stop.set()
+                raise StopIteration
+            raise item.error
+        out, event = item
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in (out.x, out.y):  # the allocator must not reuse their memory before this stream is done
+                t.record_stream(stream)
+        return out
+
+    def close(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.stop.set()
         with contextlib.suppress(queue.Empty):
             while True:
-                ready.get_nowait()
-        thread.join(timeout=30)
+                self.ready.get_nowait()
+        self.thread.join(timeout=30)
+
+    def __del__(self):
+        self.stop.set()
 
 
 def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device, channels_last: bool, train: bool,
-               batch_size: int, generator: torch.Generator | None = None):
+               batch_size: int):
     """One epoch of a Dataset's or a Train worker's DataIterator as DeviceBatches, data.prefetch_batches
     ahead: decoded and augmented on the device (cfg.decode_on_device), or decoded by Ray Data on
     the CPUs and copied from pinned memory. Undecodable rows are taken out and counted; a training
     batch of nothing else keeps one placeholder (label -1), so a DDP worker still steps.
-    generator: the colour noise's stream (data.pca_lighting)."""
+    Starts at once: the first batches are on their way before the first next(). Training's random
+    streams (crop boxes, flips, colour noise) are functions of (seed, epoch, rank), so a batch is the
+    same whenever it was prepared."""
     data = cfg.data
+    generator = None
+    if train and data.pca_lighting:  # the colour noise's stream (2: apart from the crops' streams below)
+        seed = np.random.SeedSequence([cfg.run.seed, epoch, rank, 2]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
     host = epoch_batches(source, data, epoch, cfg.run.seed, batch_size, train=train,
                          pin=device.type == "cuda" and not cfg.decode_on_device)
     if cfg.decode_on_device:

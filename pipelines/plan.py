@@ -4,6 +4,7 @@ whatever the number of workers and however often the epoch is interrupted. No Ra
     units = read_units(shards)                    # runs of a shard's row groups, rows numbered globally
     order = epoch_order(units, seed, epoch)       # a function of (seed, epoch) alone
     rows = rank_rows(order, done, steps_left, batch, world, rank)   # this rank's rows for the rest of the epoch
+    rows = worker_rows(units, seed, epoch, batch, world, rank, done, steps_done)   # the same, in one call
     for unit, local in read_runs(units, rows): ...                  # what to read, unit by unit
 
 The rule (docs/elastic.md):
@@ -79,6 +80,15 @@ def rank_rows(order: np.ndarray, done: np.ndarray | None, steps_left: int, batch
     q = rank_batches(batch, world)
     start = steps_left * sum(q[:rank])
     return left[start:start + steps_left * q[rank]]
+
+
+def worker_rows(units: list[Unit], seed: int, epoch: int, batch: int, world: int, rank: int,
+                done: np.ndarray | None = None, steps_done: int = 0) -> np.ndarray:
+    """A rank's rows for the rest of the epoch (from steps_done, without the rows done): its
+    rank_rows of the epoch's order."""
+    rows = sum(u.rows for u in units)
+    return rank_rows(epoch_order(units, seed, epoch), done, steps_per_epoch(rows, batch) - steps_done, batch, world,
+                     rank)
 
 
 def read_runs(units: list[Unit], rows: np.ndarray) -> list[tuple[int, np.ndarray]]:

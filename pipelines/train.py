@@ -63,7 +63,6 @@ class Job:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: Schedule
-    lighting: torch.Generator    # PCA colour noise, one stream per rank
     attempt: str = ""            # when this worker group started: names its checkpoints
     checkpoint_bytes: int = 0    # rank 0's last checkpoint, to check the storage has room for the next
     epoch: int = 0               # epochs done
@@ -71,6 +70,7 @@ class Job:
     history: list = field(default_factory=list)
     partial: dict | None = None  # the next epoch, when a checkpoint within it was resumed (train_epoch)
     preemption: tuple | None = None  # the preemption notice already checkpointed for
+    upcoming: "Upcoming | None" = None  # the next epoch's batches, started before this one's checkpoint
 
     @property
     def net(self) -> nn.Module:
@@ -103,7 +103,7 @@ def build(cfg: Config, info: dict) -> Job:
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
     return Job(cfg, info, rank, world, device, num, model, torch.compile(model, mode=num.compile) if num.compile else model,
                opt, torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16),
-               Schedule(opt, cfg, steps_per_epoch), torch.Generator().manual_seed(cfg.run.seed * 1000 + rank))
+               Schedule(opt, cfg, steps_per_epoch))
 
 
 def restore(job: Job, ckpt) -> None:
@@ -111,7 +111,7 @@ def restore(job: Job, ckpt) -> None:
     random streams (when the checkpoint has them: the same world size)."""
     with ckpt.as_directory() as d:
         state = load_state(d, need=checkpoint.STATE_KEYS)
-        checkpoint.restore_rng(d, job.rank, job.lighting)
+        checkpoint.restore_rng(d, job.rank)
     job.net.load_state_dict(state["model"])
     job.opt.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
@@ -121,8 +121,49 @@ def restore(job: Job, ckpt) -> None:
 
 def feed(job: Job, source, train: bool, batch_size: int, epoch: int):
     """An epoch's batches on the device, prepared ahead of the step (pipelines.feed)."""
-    return epoch_feed(source, job.cfg, epoch, job.rank, job.device, job.numerics.channels_last, train,
-                      batch_size, generator=job.lighting if train else None)
+    return epoch_feed(source, job.cfg, epoch, job.rank, job.device, job.numerics.channels_last, train, batch_size)
+
+
+def training_batches(job: Job, epoch: int, rows: np.ndarray, batch: int):
+    """This worker's rows of the epoch (pipelines.plan), read by a Ray Data pipeline of its own."""
+    cfg = job.cfg
+    source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
+                             plan.read_runs(job.info["units"], rows), encoded=cfg.decode_on_device)
+    return feed(job, source, train=True, batch_size=batch, epoch=epoch)
+
+
+@dataclass
+class Upcoming:
+    """The next epoch's first batches, on their way while this epoch validates and checkpoints: a
+    new Ray Data pipeline takes a while to deliver its first batch, which the GPU would otherwise
+    wait for at the start of every epoch (docs/gpu.md)."""
+    epoch: int
+    rows: np.ndarray
+    batches: object
+
+    @staticmethod
+    def during_validation(cfg: Config) -> bool:
+        """Start before validating? Only when images are decoded on the device: then the next
+        epoch's Ray Data tasks only read and end. Decoding tasks that Ray Data holds back until their
+        batches are taken would keep their CPUs, which validation's own tasks may need; those start
+        after validation, while the checkpoint is written."""
+        return cfg.decode_on_device
+
+    @classmethod
+    def start(cls, job: Job) -> "Upcoming | None":
+        if job.epoch >= job.cfg.schedule.epochs:
+            return None
+        epoch = job.epoch + 1
+        b = job.cfg.data.batch_size
+        rows = plan.worker_rows(job.info["units"], job.cfg.run.seed, epoch, b, job.world, job.rank)
+        return cls(epoch, rows, training_batches(job, epoch, rows, plan.rank_batches(b, job.world)[job.rank]))
+
+    def take(self, epoch: int, rows: np.ndarray):
+        """Its batches if they are that epoch's rows; else None (and it stops)."""
+        if self.epoch == epoch and np.array_equal(self.rows, rows):
+            return self.batches
+        self.batches.close()
+        return None
 
 
 # Steps between two asks whether a node of the run is being preempted (a collective: every worker
@@ -141,7 +182,7 @@ class Epoch:
 
     def __init__(self, job: Job, say: WorkerConsole):
         from ray.train.collective import broadcast_from_rank_zero
-        cfg, n, b = job.cfg, job.info["train_rows"], job.cfg.data.batch_size
+        n, b = job.info["train_rows"], job.cfg.data.batch_size
         self.steps = plan.steps_per_epoch(n, b)
         p = job.partial
         if p and (p.get("batch"), p.get("rows")) != (b, n):
@@ -153,8 +194,8 @@ class Epoch:
         self.start, self.carried = p["steps"], p["sums"]
         self.done = plan.unpack(p["done"].numpy(), n) if p["done"] is not None else np.zeros(n, bool)
         self.epoch = job.epoch + 1  # the one in progress
-        order = plan.epoch_order(job.info["units"], cfg.run.seed, self.epoch)
-        self.rows = plan.rank_rows(order, self.done, self.steps - self.start, b, job.world, job.rank)
+        self.rows = plan.worker_rows(job.info["units"], job.cfg.run.seed, self.epoch, b, job.world, job.rank,
+                                     self.done, self.start)
         self.batch = plan.rank_batches(b, job.world)[job.rank]
         # Steps between two asks whether a node is being preempted: rank 0's (a collective must be
         # asked at the same steps by every worker), from its previous epoch's time a step.
@@ -196,9 +237,8 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     job.model.train()
     t0, waited, skipped = time.perf_counter(), 0.0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
-    source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
-                             plan.read_runs(job.info["units"], ep.rows), encoded=cfg.decode_on_device)
-    batches = feed(job, source, train=True, batch_size=ep.batch, epoch=ep.epoch)
+    upcoming, job.upcoming = job.upcoming, None
+    batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows, ep.batch)
     audit = RowAudit(job, ep)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
@@ -311,7 +351,7 @@ def save_and_report(job: Job, row: dict) -> None:
     name = checkpoint_name(job.epoch, job.attempt, job.partial["steps"] if job.partial else 0)
     with tempfile.TemporaryDirectory() as d:
         with storage_full_at(tempfile.gettempdir()):
-            checkpoint.save(d, job.rank, checkpoint.rng_state(job.lighting), job.state() if job.rank == 0 else None)
+            checkpoint.save(d, job.rank, checkpoint.rng_state(), job.state() if job.rank == 0 else None)
         job.checkpoint_bytes = sum(f.stat().st_size for f in os.scandir(d))
         with storage_full_at(job.cfg.run_dir, partial=name):
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
@@ -333,7 +373,8 @@ def train_loop(config: dict) -> None:
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     limit = cfg.scaling.max_worker_batch
     micro = f", in micro-batches of at most {limit}" if limit and per_worker[0] > limit else ""
-    say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} workers on {nodes} node(s), {job.device.type}"
+    say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} worker{'s' if job.world > 1 else ''} on {nodes} node(s), "
+             f"{job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
@@ -357,17 +398,24 @@ def train_loop(config: dict) -> None:
     job.checkpoint_bytes = tensor_bytes(job.state()) if job.rank == 0 else 0
     with SystemSampler(cfg.mlflow.system_metrics_s if job.rank == 0 else 0, gpus=job.device.type == "cuda",
                        send=lambda sample: say.send("system", {**sample, "run_id": config["mlflow_run_id"]})):
-        while job.epoch < cfg.schedule.epochs:
-            if job.rank == 0:  # a full disk found now, not after an epoch of training
-                check_space(cfg.run_dir, job.checkpoint_bytes)
-            row, mine = train_epoch(job, say)
-            t0 = time.perf_counter()
-            row.update(validate(job, val_shard))
-            row["epoch_time_s"] += time.perf_counter() - t0
-            job.history.append(row)
-            save_and_report(job, row)
-            gauges.set(**mine, val_error=row["val_error"])
-            say.line(table_row(row))
+        try:
+            while job.epoch < cfg.schedule.epochs:
+                if job.rank == 0:  # a full disk found now, not after an epoch of training
+                    check_space(cfg.run_dir, job.checkpoint_bytes)
+                row, mine = train_epoch(job, say)
+                t0 = time.perf_counter()
+                if Upcoming.during_validation(cfg):
+                    job.upcoming = Upcoming.start(job)
+                row.update(validate(job, val_shard))
+                job.upcoming = job.upcoming or Upcoming.start(job)
+                row["epoch_time_s"] += time.perf_counter() - t0
+                job.history.append(row)
+                save_and_report(job, row)
+                gauges.set(**mine, val_error=row["val_error"])
+                say.line(table_row(row))
+        finally:
+            if job.upcoming:
+                job.upcoming.batches.close()
 
 
 class LogEpochs(UserCallback):

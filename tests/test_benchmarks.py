@@ -16,7 +16,8 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
     lines = out.stdout.splitlines()
     for label, times in (("fp32", 1), ("bf16 autocast", 1), ("bf16 + channels_last", 1),
                          ("decode alone, torchcodec", 1), ("decode alone, torchvision", 1),
-                         ("a. decoded by Ray Data on 1 CPUs", 2), ("b. decoded on the cpu", 2),  # input alone, end to end
+                         ("encoded rows alone, reaching the worker", 1),
+                         ("a. decoded by Ray Data on 1 CPU", 2), ("b. decoded on the cpu", 2),  # input alone, end to end
                          ("pipelines.train, epoch 2", 1), ("cifar_resnet20", 1), ("cifar_resnet56", 1)):
         assert sum(line.lstrip().startswith(label) for line in lines) == times, label
     # the product's own epoch table, both epochs, images/s read from its last row

@@ -170,6 +170,30 @@ def test_an_error_while_preparing_ahead_reaches_the_training_loop():
     assert got == [0, 1]
 
 
+def test_batches_prepared_ahead_start_at_once_and_stop_their_source_when_closed():
+    """What lets the next epoch's batches be on their way during validation: the work starts when
+    the feed is made, not at the first next(); closing it unused ends the source's iteration."""
+    import threading
+    started, ended = threading.Event(), threading.Event()
+
+    def source():
+        try:
+            yield from range(100)
+        finally:
+            ended.set()
+
+    def prepare(b):
+        started.set()
+        return b
+
+    batches = device_batches(source(), prepare, CPU, ahead=2)
+    assert started.wait(10)
+    assert next(batches) == 0
+    batches.close()
+    assert ended.is_set() and not batches.thread.is_alive()
+    assert next(batches, None) is None
+
+
 def test_without_torchcodec_torchvisions_decoders_give_the_same_pixels(tmp_path):
     jpeg, png = photo(60, 80, 0), photo(60, 80, 1, "PNG")
     (tmp_path / "a.jpg").write_bytes(jpeg)

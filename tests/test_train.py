@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -423,3 +424,40 @@ def test_checkpoints_within_an_epoch_come_every_n_steps_every_m_minutes_and_once
     job.cfg = small_cfg(tmp_path, "checkpoint.every_minutes=1", "data.batch_size=24")
     ep.last_save -= 61
     assert [s for s in range(41, 61) if ep.due(job, s, say)] == [50]  # asked at the notices' steps only
+
+
+def test_the_next_epoch_started_early_is_taken_only_for_the_rows_it_read(tmp_path, monkeypatch):
+    """Upcoming: the next epoch's rows start on their way before this epoch's checkpoint (during its
+    validation when images are decoded on the device); that epoch takes them when its rows are those
+    (a run resumed within it reads only the rows left)."""
+    import types
+
+    from pipelines import plan, train
+
+    class Batches:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    started = []
+    monkeypatch.setattr(train, "training_batches",
+                        lambda job, epoch, rows, batch: started.append((epoch, len(rows), batch)) or Batches())
+    cfg = small_cfg(tmp_path, "data.batch_size=24", "schedule.epochs=3", "schedule.milestones=[]")
+    units = plan.read_units([("a", 0, [256] * 5 + [181])])  # 1,461 rows: 60 steps of 24
+    job = types.SimpleNamespace(cfg=cfg, info={"train_rows": 1461, "units": units}, world=2, rank=1, epoch=1)
+    upcoming = train.Upcoming.start(job)
+    assert started == [(2, 60 * 12, 12)]
+    rows = plan.worker_rows(units, cfg.run.seed, 2, 24, 2, 1)
+    assert upcoming.take(2, rows) is upcoming.batches and not upcoming.batches.closed
+
+    upcoming = train.Upcoming.start(job)
+    done = np.zeros(1461, bool)
+    done[plan.worker_rows(units, cfg.run.seed, 2, 24, 2, 0)[:120]] = True  # rank 0's first 10 steps
+    done[rows[:120]] = True
+    assert upcoming.take(2, plan.worker_rows(units, cfg.run.seed, 2, 24, 2, 1, done, 10)) is None
+    assert upcoming.batches.closed
+    job.epoch = 3
+    assert train.Upcoming.start(job) is None  # the last epoch is done: nothing comes next
+    assert train.Upcoming.during_validation(small_cfg(tmp_path, "data.decode=gpu"))
+    assert not train.Upcoming.during_validation(small_cfg(tmp_path, "data.decode=cpu"))
