@@ -258,7 +258,8 @@ def main() -> None:
         ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": SETUP_HOOK}, logging_level=logging.ERROR)
         quiet_ray_data()
-        paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"), ("b", "gpu", f"decoded on the {device.type}")]
+        paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"),
+                 ("b", "gpu", f"decoded on the {device.type}")]
         print("\n2. the input alone: the JPEG decoders on one batch, then the product's feed (RandomResizedCrop + flip)")
         decode_alone(shards, a, device, row)
         batches = feed_batches(bench_config(shards, a, "gpu"), device, channels_last=True, host_only=True)
