@@ -124,11 +124,13 @@ def feed(job: Job, source, train: bool, batch_size: int, epoch: int):
     return epoch_feed(source, job.cfg, epoch, job.rank, job.device, job.numerics.channels_last, train, batch_size)
 
 
-def training_batches(job: Job, epoch: int, rows: np.ndarray, batch: int):
-    """This worker's rows of the epoch (pipelines.plan), read by a Ray Data pipeline of its own."""
+def training_batches(job: Job, epoch: int, rows: np.ndarray):
+    """This worker's rows of the epoch (pipelines.plan), read by a Ray Data pipeline of its own, in
+    this rank's share of each global batch."""
     cfg = job.cfg
     source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
                              plan.read_runs(job.info["units"], rows), encoded=cfg.decode_on_device)
+    batch = plan.rank_batches(cfg.data.batch_size, job.world)[job.rank]
     return feed(job, source, train=True, batch_size=batch, epoch=epoch)
 
 
@@ -154,9 +156,9 @@ class Upcoming:
         if job.epoch >= job.cfg.schedule.epochs:
             return None
         epoch = job.epoch + 1
-        b = job.cfg.data.batch_size
-        rows = plan.worker_rows(job.info["units"], job.cfg.run.seed, epoch, b, job.world, job.rank)
-        return cls(epoch, rows, training_batches(job, epoch, rows, plan.rank_batches(b, job.world)[job.rank]))
+        rows = plan.worker_rows(job.info["units"], job.cfg.run.seed, epoch, job.cfg.data.batch_size, job.world,
+                                job.rank)
+        return cls(epoch, rows, training_batches(job, epoch, rows))
 
     def take(self, epoch: int, rows: np.ndarray):
         """Its batches if they are that epoch's rows; else None (and it stops)."""
@@ -238,7 +240,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     t0, waited, skipped = time.perf_counter(), 0.0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     upcoming, job.upcoming = job.upcoming, None
-    batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows, ep.batch)
+    batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows)
     audit = RowAudit(job, ep)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
@@ -373,8 +375,8 @@ def train_loop(config: dict) -> None:
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     limit = cfg.scaling.max_worker_batch
     micro = f", in micro-batches of at most {limit}" if limit and per_worker[0] > limit else ""
-    say.line(f"{cfg.run.name}: {cfg.model.name}: {job.world} worker{'s' if job.world > 1 else ''} on {nodes} node(s), "
-             f"{job.device.type}"
+    workers_now = f"{job.world} worker{'s' if job.world > 1 else ''}"
+    say.line(f"{cfg.run.name}: {cfg.model.name}: {workers_now} on {nodes} node(s), {job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
@@ -382,8 +384,7 @@ def train_loop(config: dict) -> None:
     if job.partial:
         p = job.partial
         say.line(f"continuing epoch {job.epoch + 1} from step {p['steps']:,} of "
-                 f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {job.world} "
-                 f"worker{'s' if job.world > 1 else ''}"
+                 f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {workers_now}"
                  + (f" (its checkpoint was written by {p['workers']})" if p["workers"] != job.world else "")
                  + ": the epoch's remaining images, each once")
     if job.epoch >= cfg.schedule.epochs and job.history:

@@ -442,12 +442,12 @@ def test_the_next_epoch_started_early_is_taken_only_for_the_rows_it_read(tmp_pat
 
     started = []
     monkeypatch.setattr(train, "training_batches",
-                        lambda job, epoch, rows, batch: started.append((epoch, len(rows), batch)) or Batches())
+                        lambda job, epoch, rows: started.append((epoch, len(rows))) or Batches())
     cfg = small_cfg(tmp_path, "data.batch_size=24", "schedule.epochs=3", "schedule.milestones=[]")
     units = plan.read_units([("a", 0, [256] * 5 + [181])])  # 1,461 rows: 60 steps of 24
     job = types.SimpleNamespace(cfg=cfg, info={"train_rows": 1461, "units": units}, world=2, rank=1, epoch=1)
     upcoming = train.Upcoming.start(job)
-    assert started == [(2, 60 * 12, 12)]
+    assert started == [(2, 60 * 12)]
     rows = plan.worker_rows(units, cfg.run.seed, 2, 24, 2, 1)
     assert upcoming.take(2, rows) is upcoming.batches and not upcoming.batches.closed
 
