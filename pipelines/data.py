@@ -12,7 +12,6 @@ T.Compose's per-call machinery), testable alone.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import io
 import logging
@@ -28,7 +27,6 @@ from PIL import Image
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
-from ray.train import DataConfig
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -347,15 +345,14 @@ def build_datasets(data: DataSection, seed: int, encoded: bool = False):
     return datasets[0], datasets[1], manifest
 
 
-def planned_dataset(data: DataSection, fs, units: list, runs: list, encoded: bool = False):
-    """One worker's planned training rows (pipelines.plan's read_runs of the shards on fs, the
+def planned_dataset(data: DataSection, fs, units: list, runs: list, encoded: bool = False, train: bool = True):
+    """One worker's planned rows of a split (pipelines.plan's read_runs of the shards on fs, the
     driver's fs_and_path: a worker's environment may lack its settings) as a Ray Dataset like
-    build_datasets' training split, with each row's global number in `idx`. Its tasks run on any
-    node's free CPUs (pinned to the worker's node, they would wait for ever where workers hold
-    every CPU)."""
+    build_datasets' split, with each row's global number in `idx`. Its tasks run on any node's free
+    CPUs (pinned to the worker's node, they would wait for ever where workers hold every CPU)."""
     import ray.data
     source = PlanSource(units, runs, fs, ["image", "label", "key"], skip_damaged=data.bad_records == "skip")
-    return prepared(ray.data.read_datasource(source, override_num_blocks=max(1, len(runs))), data, True, encoded)
+    return prepared(ray.data.read_datasource(source, override_num_blocks=max(1, len(runs))), data, train, encoded)
 
 
 def prepared(ds, data: DataSection, train: bool, encoded: bool):
@@ -408,30 +405,6 @@ def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:
         keep[0] = True
     return {"image": batch["image"][keep], "label": batch["label"][keep],
             "key": [k for k, ok in zip(batch["key"], keep.tolist()) if ok]}, n
-
-
-class Ingest(DataConfig):
-    """How the validation split reaches the Ray Train workers: split unequally, so that no image is
-    dropped. (Each worker reads its own training rows: pipelines.plan, planned_dataset.) A training
-    split given too is split equally, as Ray Train does."""
-
-    def __init__(self, deterministic: bool):
-        with warnings.catch_warnings():  # Ray's own defaults trip its exclude_resources deprecation
-            warnings.simplefilter("ignore")
-            self.options = copy.deepcopy(DataConfig.default_ingest_options())
-        self.options.preserve_order = deterministic
-        super().__init__(execution_options=self.options)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        # Ray Train calls this once per dataset.
-        out = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
-                                worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            val = datasets["val"]
-            val.context.execution_options = copy.deepcopy(self.options)
-            for i, split in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                out[i]["val"] = split
-        return out
 
 
 def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: int, train: bool,

@@ -5,6 +5,7 @@ whatever the number of workers and however often the epoch is interrupted. No Ra
     order = epoch_order(units, seed, epoch)       # a function of (seed, epoch) alone
     rows = rank_rows(order, done, steps_left, batch, world, rank)   # this rank's rows for the rest of the epoch
     rows = worker_rows(units, seed, epoch, batch, world, rank, done, steps_done)   # the same, in one call
+    rows = validation_rows(val_rows, world, rank)                   # this rank's share of validation
     for unit, local in read_runs(units, rows): ...                  # what to read, unit by unit
 
 The rule (docs/elastic.md):
@@ -89,6 +90,12 @@ def worker_rows(units: list[Unit], seed: int, epoch: int, batch: int, world: int
     rows = sum(u.rows for u in units)
     return rank_rows(epoch_order(units, seed, epoch), done, steps_per_epoch(rows, batch) - steps_done, batch, world,
                      rank)
+
+
+def validation_rows(rows: int, world: int, rank: int) -> np.ndarray:
+    """Rank's share of the validation split, in order: one contiguous slice, the shares differing by
+    at most a row, none dropped (a validation step need not match across workers)."""
+    return np.arange(rank * rows // world, (rank + 1) * rows // world)
 
 
 def read_runs(units: list[Unit], rows: np.ndarray) -> list[tuple[int, np.ndarray]]:

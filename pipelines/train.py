@@ -1,11 +1,12 @@
 """Train a ResNet with DDP on Ray Train:  python -m pipelines.train --config ray_config.yaml [key=value ...]
 
 Reads top to bottom:
-  fit (the driver): preflight, every mistake visible before a worker starts -> Ray -> the shards as
-      Ray Datasets -> TorchTrainer (workers, checkpoints, restarts) -> the best and final model into
-      MLflow. main adds the closing summary.
+  fit (the driver): preflight, every mistake visible before a worker starts -> Ray -> TorchTrainer
+      (workers, checkpoints, restarts) -> the best and final model into MLflow. main adds the
+      closing summary.
   train_loop (each worker): build -> restore from the run's latest checkpoint -> epochs: train,
-      validate, checkpoint + ray.train.report; rank 0 sends the table row to the console.
+      validate, checkpoint + ray.train.report; rank 0 sends the table row to the console. Each
+      worker reads its own rows of the shards (pipelines.plan) through Ray Data pipelines of its own.
   LogEpochs (on Ray Train's controller, beside the driver): each epoch into MLflow once its
       checkpoint is registered, so an attempt a failure discarded never reaches MLflow.
 
@@ -34,7 +35,7 @@ from pipelines.checkpoint import (StorageFull, best_checkpoint, check_space, che
                                   storage_full_at, tensor_bytes)
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
-from pipelines.data import Ingest, build_datasets, planned_dataset, shards_dir
+from pipelines.data import planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
@@ -327,14 +328,20 @@ def epoch_totals(job: Job, ep: Epoch, sums: torch.Tensor, skipped: int, spent: f
     return [a + b for a, b in zip(totals + [slowest, wait_share * slowest], ep.carried)]
 
 
-def validate(job: Job, shard) -> dict:
-    skipped = 0
+def validate(job: Job) -> dict:
+    """Every validation image once over the workers: each reads its share (plan.validation_rows)
+    through a Ray Data pipeline of its own, as it reads its training rows."""
+    cfg, skipped = job.cfg, 0
+    units = job.info["val_units"]
+    rows = plan.validation_rows(job.info["val_rows"], job.world, job.rank)
+    source = planned_dataset(cfg.data, job.info["shards_fs"], units, plan.read_runs(units, rows),
+                             encoded=cfg.decode_on_device, train=False)
 
     def batches():
         nonlocal skipped
-        whole = job.cfg.data.batch_size
-        size = min(-(-whole // job.world), job.cfg.scaling.max_worker_batch or whole)
-        for b in feed(job, shard, train=False, batch_size=size, epoch=job.epoch):
+        whole = cfg.data.batch_size
+        size = min(-(-whole // job.world), cfg.scaling.max_worker_batch or whole)
+        for b in feed(job, source, train=False, batch_size=size, epoch=job.epoch):
             skipped += b.skipped
             if len(b.y):
                 yield b.x, b.y
@@ -395,7 +402,6 @@ def train_loop(config: dict) -> None:
         ray.train.report(job.history[-1])
         return
     say.line(header())
-    val_shard = ray.train.get_dataset_shard("val")
     job.checkpoint_bytes = tensor_bytes(job.state()) if job.rank == 0 else 0
     with SystemSampler(cfg.mlflow.system_metrics_s if job.rank == 0 else 0, gpus=job.device.type == "cuda",
                        send=lambda sample: say.send("system", {**sample, "run_id": config["mlflow_run_id"]})):
@@ -407,7 +413,7 @@ def train_loop(config: dict) -> None:
                 t0 = time.perf_counter()
                 if Upcoming.during_validation(cfg):
                     job.upcoming = Upcoming.start(job)
-                row.update(validate(job, val_shard))
+                row.update(validate(job))
                 job.upcoming = job.upcoming or Upcoming.start(job)
                 row["epoch_time_s"] += time.perf_counter() - t0
                 job.history.append(row)
@@ -523,7 +529,8 @@ def preflight(cfg: Config) -> dict:
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
-            "manifest": manifest, "units": plan.read_units(shards["train"]), "shards_fs": fs_and_path(directory)[0],
+            "manifest": manifest, "units": plan.read_units(shards["train"]), "val_units": plan.read_units(shards["val"]),
+            "shards_fs": fs_and_path(directory)[0],
             "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
@@ -541,7 +548,6 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
     if ray_line:
         print(ray_line, flush=True)
     check_cluster(cfg)
-    _, val_ds, _ = build_datasets(cfg.data, cfg.run.seed, encoded=cfg.decode_on_device)
     info["mlflow_run_id"] = open_run(cfg, info["mlflow_uri"], info["experiment_id"], info["stats"], parent_run_id)
     # the manifest and description stay here: the workers need neither
     log_lineage(info["mlflow_uri"], info["mlflow_run_id"], info["shards"], info.pop("manifest"),
@@ -574,9 +580,7 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
                 # a node drained for preemption before it goes costs no max_failures (Ray's own budget, unlimited)
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 logging_config=LoggingConfig(log_level="WARNING"),  # Train's per-report lines: its log files
-                callbacks=[log_epochs, *callbacks]),
-            datasets={"val": val_ds},  # training rows: each worker reads its planned ones (train_epoch)
-            dataset_config=Ingest(cfg.data.deterministic))
+                callbacks=[log_epochs, *callbacks]))  # no datasets: each worker reads its own rows (plan)
         try:
             result = storage_full_said(trainer.fit)
             if result.checkpoint is not None:

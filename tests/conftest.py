@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -7,18 +8,44 @@ import pytest
 
 # Before any project import: runs, MLflow and the digits shards go to a throwaway home.
 os.environ["RAY_RESNET_HOME"] = tempfile.mkdtemp(prefix="ray-resnet-tests-")
+# Ray Train's controller looks at its workers every 2 s by default, and a finished run ends at its
+# next look: 2-3 s a run, over the suite's dozens of runs. Every Ray process started here inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "ray_config.yaml"
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made once: a new store runs all of MLflow's schema migrations
+    (seconds), which each test's own store would repeat. Copies of it are new stores."""
+    from mlflow import MlflowClient
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def run_cli(tmp_path):
-    """Run `python -m MODULE ARGS` from the checkout with a private home; returns the process."""
+def mlflow_uri(tmp_path, mlflow_template) -> str:
+    """A new, empty MLflow store of this test's own: sqlite:///<tmp_path>/mlflow.db."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def run_cli(tmp_path, mlflow_template):
+    """Run `python -m MODULE ARGS` from the checkout with a private home (its MLflow store, when no
+    mlflow.tracking_uri is given, a new one at home/mlflow.db); returns the process."""
     import subprocess
 
     def run(module: str, *args: str, timeout: float = 300, env: dict | None = None, wait: bool = True):
-        env = {**os.environ, "RAY_RESNET_HOME": str(tmp_path / "home"), **(env or {})}
+        home = tmp_path / "home"
+        env = {**os.environ, "RAY_RESNET_HOME": str(home), **(env or {})}
+        if not (home / "mlflow.db").exists() and not any(a.startswith("mlflow.tracking_uri=") for a in args) \
+                and "MLFLOW_TRACKING_URI" not in env:
+            home.mkdir(exist_ok=True)
+            shutil.copy(mlflow_template, home / "mlflow.db")
         if not wait:  # a running process, stdout and stderr together
             return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -314,13 +314,15 @@ def prom(url: str, api: str, **params) -> list | dict:
 
 
 @pytest.fixture(scope="module")
-def local3(tmp_path_factory):
+def local3(tmp_path_factory, mlflow_template):
     """cluster/local.sh up with three nodes, a one-epoch training submitted to it (run.name local3)
     and scraped while it runs (its nodes' endpoints, and a real Prometheus where one is installed),
     then local.sh down: what the tests check, recorded."""
     tmp_path = tmp_path_factory.mktemp("local3")
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(mlflow_template, home / "mlflow.db")  # a new store, its schema made once (conftest)
     env = {**os.environ, "RAY_RESNET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_RESNET_BIN": str(bin_dir)}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):

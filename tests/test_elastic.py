@@ -157,3 +157,5 @@ def test_lose_a_node_get_one_back_preempt_one_and_keep_every_image_once(tmp_path
     run_id = (tmp_path / "runs" / "elastic" / "mlflow_run_id").read_text().strip()
     assert [m.step for m in client.get_metric_history(run_id, "val_error")] == [1, 2]
     assert {m.value for m in client.get_metric_history(run_id, "workers")} <= {2.0, 3.0}
+    # validation split over 2 or 3 workers: every image scored, none twice (val_dropped would go negative)
+    assert [m.value for m in client.get_metric_history(run_id, "val_dropped")] == [0, 0]

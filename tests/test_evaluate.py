@@ -2,6 +2,7 @@
 run's best checkpoint, clear errors for bad paths, and the whole evaluation on Ray Data (from a
 checkpoint in process, from an MLflow model on the command line)."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,10 +151,11 @@ def test_overrides_and_config_take_precedence_over_the_trained_config(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_session):
+def trained(tmp_path_factory, ray_session, mlflow_template):
     """One epoch of ResNet-8 on the digits: a run directory, its checkpoint and its MLflow run, its
     best model registered as version 1 of digits-resnet8 with the alias champion."""
     tmp = tmp_path_factory.mktemp("evaluate")
+    shutil.copy(mlflow_template, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(CONFIG, [f"checkpoint.storage_path={tmp}", "run.name=eval", f"mlflow.tracking_uri={uri}",
                                "mlflow.register_model=digits-resnet8", "mlflow.model_alias=champion", *TINY])

@@ -66,9 +66,9 @@ def test_the_papers_error_for_each_net(model, error, source):
     assert found == error and source in where
 
 
-def test_degradation_runs_small_and_reports_beside_the_paper_in_mlflow(tmp_path, ray_session):
+def test_degradation_runs_small_and_reports_beside_the_paper_in_mlflow(tmp_path, ray_session, mlflow_uri):
     from mlflow import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     cfg = experiment_config("degradation", *TINY, f"checkpoint.storage_path={tmp_path}", f"mlflow.tracking_uri={uri}",
                             "tune.space.model.depth=[8, 14]")
     path = run("degradation", cfg)
@@ -86,11 +86,11 @@ def test_degradation_runs_small_and_reports_beside_the_paper_in_mlflow(tmp_path,
         "report/report.md", "report/degradation.png", "report/against_paper.png"}
 
 
-def test_identity_runs_small_with_its_recipe_and_variants(tmp_path, ray_session):
+def test_identity_runs_small_with_its_recipe_and_variants(tmp_path, ray_session, mlflow_uri):
     """The one other experiment run end to end: its grid alone sets a warm-up recipe and keys that
     go together ({unit: full_preact}); two of the follow-up paper's variants, at depth 8 not 110."""
     cfg = experiment_config("identity", *TINY, f"checkpoint.storage_path={tmp_path}",
-                            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tune.space.model.depth=[8]",
+                            f"mlflow.tracking_uri={mlflow_uri}", "tune.space.model.depth=[8]",
                             "tune.space.model=[{unit: full_preact}, {shortcut_variant: conv1x1}]")
     text = run("identity", cfg).read_text()
     assert "# Experiment: identity" in text

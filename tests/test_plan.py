@@ -34,6 +34,13 @@ def test_rank_batches_make_the_global_batch(batch, world):
     assert sum(q) == batch and max(q) - min(q) <= 1 and q == sorted(q, reverse=True)
 
 
+@pytest.mark.parametrize("rows,world", [(3099, 1), (3099, 4), (360, 7), (5, 8)])
+def test_validation_shares_cover_the_split_once_in_order(rows, world):
+    shares = [plan.validation_rows(rows, world, r) for r in range(world)]
+    assert np.array_equal(np.concatenate(shares), np.arange(rows))  # every row once, none dropped
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
 def train(order, done, steps_left, batch, world, steps, rng, trained):
     """steps of training with world workers, each taking its rows in a shuffled order (a local
     shuffle buffer): the rows trained go into trained (a list per step) and done."""

@@ -27,8 +27,8 @@ def test_the_sampler_sends_mlflows_system_metrics_at_its_interval_until_it_stops
     assert off.thread is None and len(got) == sent
 
 
-def test_the_driver_logs_samples_as_system_metrics_stepped_by_seconds_since_the_run_started(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_the_driver_logs_samples_as_system_metrics_stepped_by_seconds_since_the_run_started(mlflow_uri):
+    uri = mlflow_uri
     client = mlflow_client(uri)
     run = client.create_run(ensure_experiment(uri, "system"))
     start = run.info.start_time

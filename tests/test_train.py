@@ -226,14 +226,14 @@ def ray_pids(name: bytes) -> list[int]:
     return sorted(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]))
 
 
-def test_a_worker_lost_before_its_checkpoint_counts_leaves_no_trace_of_that_attempt(tmp_path, ray_session, run_cli):
+def test_a_worker_lost_before_its_checkpoint_counts_leaves_no_trace_of_that_attempt(tmp_path, ray_session, run_cli,
+                                                                                    mlflow_uri):
     """Epoch 2 is trained and its checkpoint written, but a worker dies before Ray Train registers
     it (its controller is held still meanwhile): Ray retrains epoch 2 from epoch 1's checkpoint.
     MLflow must hold the retrained epoch's numbers, each epoch once, and the first attempt's
     checkpoint must be gone."""
     import ray
-    args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            "run.progress_s=0.5"]
+    args = [*SMALL, "run.name=fault", "schedule.epochs=3", f"mlflow.tracking_uri={mlflow_uri}", "run.progress_s=0.5"]
     cfg = small_cfg(tmp_path, *args)
     env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     args.append(f"checkpoint.storage_path={tmp_path}")

@@ -27,8 +27,8 @@ def epochs_logged(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_error"))
 
 
-def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_children(tmp_path, ray_session):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_a_two_by_two_sweep_stops_weak_trials_and_logs_a_parent_with_four_children(tmp_path, ray_session, mlflow_uri):
+    uri = mlflow_uri
     cfg = load_config(CONFIG, [*BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=grid",
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep-test",
                                # a learning rate too small to learn anything: ASHA's case to stop
@@ -82,11 +82,11 @@ def trial_states(tuner_dir) -> dict[str, str]:
     return states
 
 
-def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, ray_session, run_cli):
+def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, ray_session, run_cli, mlflow_uri):
     """SIGKILL the sweep's driver once Tune has saved a finished trial; the same command again
     restores the sweep, runs only the trials not finished, and MLflow has each epoch once."""
     import ray
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     args = ["--config", str(CONFIG), *BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=killed",
             f"mlflow.tracking_uri={uri}", "mlflow.experiment=resume-test", "tune.space.model.depth=[8]",
             "tune.space.optim.lr=[0.1, 0.05, 0.02]", "tune.space.schedule.epochs=[1]"]
@@ -113,11 +113,11 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_pat
     assert set(statuses.values()) == {"FINISHED"}, (statuses, finished, out.stdout[-3000:] + out.stderr[-3000:])
 
 
-def test_optuna_searches_a_log_uniform_range(tmp_path, ray_session):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_optuna_searches_a_log_uniform_range(tmp_path, ray_session, mlflow_uri):
+    uri = mlflow_uri
     cfg = load_config(CONFIG, [*BASE, f"checkpoint.storage_path={tmp_path}", "tune.name=optuna",
                                f"mlflow.tracking_uri={uri}", "mlflow.experiment=optuna-test", "tune.search=optuna",
-                               "tune.num_samples=2", "tune.scheduler=fifo", "schedule.epochs=1", "model.depth=8",
+                               "tune.num_samples=2", "tune.max_concurrent_trials=null", "tune.scheduler=fifo", "schedule.epochs=1", "model.depth=8",
                                "tune.space.optim.lr={loguniform: [0.01, 0.3]}"])
     rows, _ = sweep(cfg)
     assert len(rows) == 2 and all(0.01 <= r["optim.lr"] <= 0.3 and r["epochs"] == 1 for r in rows)
