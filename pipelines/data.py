@@ -1,7 +1,8 @@
 """Shards -> Ray Data -> training batches: the input stage between pipelines.shards and pipelines.train.
 
-    train_ds, val_ds, manifest = build_datasets(cfg.data, seed)   # lazy, streaming Ray Datasets
-    for batch in epoch_batches(train_ds, cfg.data, epoch, seed, batch_size, train=True):
+    ds = planned_dataset(cfg.data, fs, units, runs)              # a worker's rows (pipelines.plan)
+    train_ds, val_ds, manifest = build_datasets(cfg.data, seed)  # or each split whole (benchmarks)
+    for batch in epoch_batches(ds, cfg.data, epoch, seed, batch_size, train=True):
         x, y = to_device(batch, device, cfg.data, channels_last)  # uint8 NHWC -> normalised float
 
 Reading starts from the manifest: every shard it lists must be there, whole and unaltered, or the

@@ -22,7 +22,7 @@ def quiet_ray_data() -> None:
 
 def setup_process() -> None:
     """Run in this process and, through runtime_env's worker_process_setup_hook, in every process
-    Ray starts for the job: the split coordinators that run the training datasets, the decode tasks."""
+    Ray starts for the job: Ray Train's actors, the read and decode tasks."""
     shorten_resource_poll()
     quiet_ray_data()
 

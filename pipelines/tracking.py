@@ -300,7 +300,7 @@ def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                              "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -22,7 +22,7 @@ from pipelines import plan
 from pipelines import shards as S
 from pipelines.config import load_config
 from pipelines.data import (DecodeAugment, PlanSource, ShardSource, ShorterSideRandomResize, build_datasets,
-                            build_transform, decode, epoch_batches, to_device)
+                            build_transform, decode, epoch_batches, planned_dataset, to_device)
 from pipelines.plan import read_units
 from pipelines.shards import ShardError, check_shards
 from tests.conftest import CONFIG, ROOT
@@ -237,6 +237,28 @@ def test_read_tasks_cover_every_row_group_once_in_an_order_drawn_per_execution(t
     idx = [i for t in tables for i in t["idx"].to_pylist()]
     assert idx == rows.tolist() and len(idx) == 9 * 33
     assert [k for t in tables for k in t["key"].to_pylist()] == [in_manifest_order[i] for i in idx]
+
+
+def test_validation_shares_read_through_worker_pipelines_score_every_image_once(digits_dir, ray_session):
+    """Each worker's share of the validation split (plan.validation_rows) through planned_dataset,
+    as train_loop's validate reads it; a worker with no share gets an empty pipeline, not an error."""
+    data = data_cfg(f"data.shards={digits_dir}")
+    fs, _ = pyarrow.fs.FileSystem.from_uri(digits_dir)
+    units = read_units(check_shards(digits_dir, "val"))
+    rows = sum(u.rows for u in units)
+
+    def share(world, rank):
+        runs = plan.read_runs(units, plan.validation_rows(rows, world, rank))
+        ds = planned_dataset(data, fs, units, runs, train=False)
+        return [(k, i) for b in epoch_batches(ds, data, 1, 0, 64, train=False)
+                for k, i in zip(b["key"], b["idx"].tolist())]
+
+    shares = [share(3, r) for r in range(3)]
+    keys = [k for part in shares for k, _ in part]
+    assert len(keys) == len(set(keys)) == rows == 360
+    for r, part in enumerate(shares):  # each its contiguous slice (in any order: counts only)
+        assert sorted(i for _, i in part) == plan.validation_rows(rows, 3, r).tolist()
+    assert share(rows + 1, 0) == []
 
 
 def test_the_order_is_reproducible_from_the_seed_and_new_each_epoch(digits_dir, ray_session):
