@@ -529,8 +529,8 @@ def preflight(cfg: Config) -> dict:
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
-            "manifest": manifest, "units": plan.read_units(shards["train"]), "val_units": plan.read_units(shards["val"]),
-            "shards_fs": fs_and_path(directory)[0],
+            "manifest": manifest, "units": plan.read_units(shards["train"]),
+            "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],
             "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
