@@ -120,19 +120,19 @@ def restore(job: Job, ckpt) -> None:
     job.partial = state.get("partial")
 
 
-def feed(job: Job, source, train: bool, batch_size: int, epoch: int):
-    """An epoch's batches on the device, prepared ahead of the step (pipelines.feed)."""
-    return epoch_feed(source, job.cfg, epoch, job.rank, job.device, job.numerics.channels_last, train, batch_size)
+def planned_batches(job: Job, units: list, rows: np.ndarray, train: bool, batch_size: int, epoch: int):
+    """These rows of a split (pipelines.plan), read by a Ray Data pipeline of this worker's own, as
+    batches on the device prepared ahead of the step (pipelines.feed)."""
+    cfg = job.cfg
+    source = planned_dataset(cfg.data, job.info["shards_fs"], units, plan.read_runs(units, rows),
+                             encoded=cfg.decode_on_device, train=train)
+    return epoch_feed(source, cfg, epoch, job.rank, job.device, job.numerics.channels_last, train, batch_size)
 
 
 def training_batches(job: Job, epoch: int, rows: np.ndarray):
-    """This worker's rows of the epoch (pipelines.plan), read by a Ray Data pipeline of its own, in
-    this rank's share of each global batch."""
-    cfg = job.cfg
-    source = planned_dataset(cfg.data, job.info["shards_fs"], job.info["units"],
-                             plan.read_runs(job.info["units"], rows), encoded=cfg.decode_on_device)
-    batch = plan.rank_batches(cfg.data.batch_size, job.world)[job.rank]
-    return feed(job, source, train=True, batch_size=batch, epoch=epoch)
+    """This worker's rows of the epoch, in this rank's share of each global batch."""
+    batch = plan.rank_batches(job.cfg.data.batch_size, job.world)[job.rank]
+    return planned_batches(job, job.info["units"], rows, train=True, batch_size=batch, epoch=epoch)
 
 
 @dataclass
@@ -332,16 +332,13 @@ def validate(job: Job) -> dict:
     """Every validation image once over the workers: each reads its share (plan.validation_rows)
     through a Ray Data pipeline of its own, as it reads its training rows."""
     cfg, skipped = job.cfg, 0
-    units = job.info["val_units"]
     rows = plan.validation_rows(job.info["val_rows"], job.world, job.rank)
-    source = planned_dataset(cfg.data, job.info["shards_fs"], units, plan.read_runs(units, rows),
-                             encoded=cfg.decode_on_device, train=False)
 
     def batches():
         nonlocal skipped
         whole = cfg.data.batch_size
         size = min(-(-whole // job.world), cfg.scaling.max_worker_batch or whole)
-        for b in feed(job, source, train=False, batch_size=size, epoch=job.epoch):
+        for b in planned_batches(job, job.info["val_units"], rows, train=False, batch_size=size, epoch=job.epoch):
             skipped += b.skipped
             if len(b.y):
                 yield b.x, b.y
