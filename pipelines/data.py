@@ -13,11 +13,14 @@ T.Compose's per-call machinery), testable alone.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import math
 import os
+import shutil
+import uuid
 import warnings
 
 import numpy as np
@@ -329,7 +332,18 @@ def shards_dir(data: DataSection) -> str:
     path = HOME / "shards" / "digits"
     if not (path / "manifest.json").exists():
         from pipelines.shards import Options, load_digits_source, write_shards
-        write_shards(load_digits_source(32, seed=0), path, Options(rows_per_shard=512), progress=None)
+        # Runs started together on a fresh home each write a copy of their own, and the first one
+        # finished is renamed into place: writers sharing one folder remove each other's files.
+        mine = path.with_name(f".digits.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        write_shards(load_digits_source(32, seed=0), mine, Options(rows_per_shard=512), progress=None)
+        try:
+            os.rename(mine, path)
+        except OSError:  # another run's copy is there, or a folder a killed run left without a manifest
+            if not (path / "manifest.json").exists():
+                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rename(mine, path)
+            shutil.rmtree(mine, ignore_errors=True)
     return str(path)
 
 

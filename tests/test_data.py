@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pyarrow.fs
@@ -147,6 +148,37 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     S.write_shards(S.load_digits_source(32, 0), out, S.Options(rows_per_shard=200), progress=None)
     return str(out)
+
+
+def test_runs_started_together_on_a_fresh_home_each_get_the_whole_digits(tmp_path, monkeypatch):
+    # Two runs (or a sweep's first trials) write the bundled digits at the same moment, over a
+    # folder a killed run left without its manifest: both get every shard, and no copy is left over.
+    import threading
+    import pipelines.data as D
+    monkeypatch.setattr(D, "HOME", tmp_path)
+    (tmp_path / "shards" / "digits" / "train").mkdir(parents=True)
+    (tmp_path / "shards" / "digits" / "train" / "train-00000.parquet").write_bytes(b"half a shard")
+    fsync = os.fsync  # a slow disk: each file stays half-written a while, where the other writer can meet it
+    monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.05), fsync(fd)))
+    start, got, failed = threading.Barrier(2), [], []
+
+    def run():
+        start.wait()
+        try:
+            got.append(D.shards_dir(data_cfg()))
+        except Exception as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed and got == [str(tmp_path / "shards" / "digits")] * 2
+    rows = {s: sum(sum(groups) for _, _, groups in check_shards(got[0], s, verify="sha256"))
+            for s in ("train", "val")}
+    assert rows == {"train": 1437, "val": 360}
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["digits"]
 
 
 def test_each_epoch_shows_every_training_image_once_across_the_workers(digits_dir, tmp_path, ray_session):
