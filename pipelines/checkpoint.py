@@ -188,6 +188,14 @@ def best_checkpoint(result):
     return min(ends, key=lambda cm: cm[1]["val_error"]) if ends else None
 
 
+def final_checkpoint(result):
+    """The newest epoch end Ray Train kept: the latest checkpoint, unless a rerun lowered
+    schedule.epochs below one taken within an epoch, whose weights are no epoch's model. An epoch end
+    is always kept: one within an epoch reports a worse validation error than any."""
+    ends = [cm for cm in result.best_checkpoints if not cm[1].get("partial")]
+    return max(ends, key=lambda cm: cm[1]["epoch"])[0] if ends else result.checkpoint
+
+
 def find_checkpoint(path: str) -> tuple[dict, str]:
     """(state.pt's contents, the checkpoint directory) for a command line's PATH: PATH itself when it
     holds a state.pt, else the checkpoint_* directory of the run directory PATH with the lowest

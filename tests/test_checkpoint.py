@@ -103,3 +103,16 @@ def test_checkpoints_of_a_discarded_attempt_are_found_by_position(tmp_path):
         "checkpoint_000001_a", "checkpoint_000001_s000000010_a", "checkpoint_000001_s000000020_b",
         "checkpoint_000002_b", "checkpoint_000003_b", "checkpoint_2024-01-01_00-00-00.000000",
         "checkpoint_manager_snapshot.json"]
+
+
+def test_the_final_model_is_the_newest_epoch_end_even_when_a_checkpoint_within_an_epoch_is_later():
+    # A run stopped within epoch 4 and rerun with schedule.epochs=3: Ray's latest checkpoint is the
+    # one within epoch 4, whose weights are no epoch's model.
+    from types import SimpleNamespace
+    ends = [("ep2", {"epoch": 2, "val_error": 0.20}), ("ep3", {"epoch": 3, "val_error": 0.30})]
+    within = ("ep4-step10", {"epoch": 4, "step": 10, "partial": True, "val_error": 2.0})
+    stopped = SimpleNamespace(best_checkpoints=[*ends, within], checkpoint="ep4-step10")
+    assert checkpoint.final_checkpoint(stopped) == "ep3"
+    assert checkpoint.best_checkpoint(stopped)[0] == "ep2"
+    finished = SimpleNamespace(best_checkpoints=ends, checkpoint="ep3")
+    assert checkpoint.final_checkpoint(finished) == "ep3"
