@@ -35,6 +35,7 @@ from pipelines.config import HOME, Config, ConfigError, SetupError
 from pipelines.plots import curves_png
 from pipelines.ray_internals import job_submission_id
 from pipelines.runtime import free_port
+from pipelines.shards import die_with_parent
 from resnet_models import build_model
 
 
@@ -301,7 +302,8 @@ def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
                              "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent)  # not left serving when the sweep is killed
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

@@ -1,4 +1,5 @@
-"""System metrics without a cluster: the sampler on rank 0's node and the driver's logger."""
+"""Without a cluster: system metrics (the sampler on rank 0's node, the driver's logger) and a
+sweep's local MLflow server."""
 import logging
 import time
 
@@ -38,3 +39,29 @@ def test_the_driver_logs_samples_as_system_metrics_stepped_by_seconds_since_the_
                      "metrics": {"cpu_utilization_percentage": cpu}})
     history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert [(m.step, m.value) for m in history] == [(3, 10.0), (13, 20.0)]
+
+
+def test_a_sweeps_local_mlflow_server_ends_when_its_driver_is_killed(mlflow_uri):
+    # SIGKILL runs no cleanup in the driver: the server must not go on serving (and holding the store).
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from tests.conftest import ROOT
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipelines.tracking import local_tracking_server\n"
+         f"url, _ = local_tracking_server({mlflow_uri!r}); print(url, flush=True); time.sleep(300)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    url = driver.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), url
+    urllib.request.urlopen(f"{url}/health", timeout=5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+        except OSError:
+            break  # gone
+        assert time.time() < deadline, f"the MLflow server at {url} still answers 30 s after its driver was killed"
+        time.sleep(0.5)
