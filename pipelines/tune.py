@@ -71,14 +71,15 @@ def sweep_dir(cfg: Config) -> str:
     return f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.tune.name}"
 
 
-def run_trial(config: dict, console: dict | None = None) -> None:
+def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None) -> None:
     """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results, and its
-    rank 0's lines go to the sweep's console, each with the trial's run name."""
+    rank 0's lines go to the sweep's console, each with the trial's run name. config holds the
+    searched values alone, base the sweep's config."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    base = Config.model_validate(config["base"])
-    params = {k: config[k] for k in config["keys"]}
+    base = Config.model_validate(base)
+    params = {k: config[k] for k in base.tune.space}
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
 
     class EpochsToTune(TuneReportCallback):
@@ -88,7 +89,7 @@ def run_trial(config: dict, console: dict | None = None) -> None:
             if not metrics[0].get("partial"):
                 super().after_report(run_context, metrics, checkpoint)
 
-    fit(cfg, callbacks=[EpochsToTune()], parent_run_id=config["parent_run_id"],
+    fit(cfg, callbacks=[EpochsToTune()], parent_run_id=parent_run_id,
         console={**console, "tag": f"{cfg.run.name}: "} if console else None)
 
 
@@ -252,9 +253,12 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     # Each trial function on the driver's node, where MLflow is reached (a server there may listen on
     # 127.0.0.1 only, as the local one for parallel trials does); its training workers go anywhere.
     here = f"node:{ray.util.get_node_ip_address()}"
-    trainable = tune.with_resources(tune.with_parameters(run_trial, console=console), {"CPU": TRIAL_CPU, here: 0.001})
-    space = {"base": base.model_dump(mode="json"), "keys": list(cfg.tune.space), "parent_run_id": parent,
-             **search_space(cfg)}
+    # The sweep's config beside the trials' configs, not in them: Tune prints a trial's config when
+    # it starts, and should print only what the search chose.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"),
+                                                         parent_run_id=parent, console=console),
+                                    {"CPU": TRIAL_CPU, here: 0.001})
+    space = search_space(cfg)
     max_t = max_epochs(cfg)
     if cfg.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_error", mode="min", max_t=max_t,
