@@ -33,7 +33,7 @@ import pyarrow.fs
 import torch
 
 from pipelines.config import ConfigError
-from pipelines.shards import fs_and_path
+from pipelines.shards import fs_and_path, storage_hint
 
 Place = str | tuple[pyarrow.fs.FileSystem, str]  # a URI, or fs_and_path's (filesystem, path) of one
 
@@ -131,15 +131,25 @@ def _save(obj, path: str) -> None:
 
 
 def load_state(where, need: tuple[str, ...] = MODEL_KEYS) -> dict:
-    """state.pt of a checkpoint directory (a path, or a Ray Checkpoint), checked for its format
-    and the keys the caller needs. A state.pt without a format key predates the key and has the
-    same layout."""
+    """state.pt of a checkpoint directory (a local path, a Ray Checkpoint, or (filesystem, path) of
+    one in an object store), checked for its format and the keys the caller needs. A state.pt
+    without a format key predates the key and has the same layout."""
     if hasattr(where, "as_directory"):  # a ray.train.Checkpoint: a local copy for the duration
         with where.as_directory() as d:
             return load_state(d, need)
-    path = Path(where) / "state.pt"
+    if isinstance(where, tuple):
+        fs, path = where[0], f"{where[1]}/state.pt"
+
+        def source():
+            with fs.open_input_stream(path) as f:
+                return io.BytesIO(f.read())
+    else:
+        path = Path(where) / "state.pt"
+
+        def source():
+            return path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source(), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a checkpoint pipelines.train wrote ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -197,36 +207,48 @@ def final_checkpoint(result):
 
 
 def find_checkpoint(path: str) -> tuple[dict, str]:
-    """(state.pt's contents, the checkpoint directory) for a command line's PATH: PATH itself when it
-    holds a state.pt, else the checkpoint_* directory of the run directory PATH with the lowest
-    validation error."""
-    where = Path(path).expanduser()
+    """(state.pt's contents, the checkpoint directory) for a command line's PATH, a local path or an
+    s3:// / gs:// URI: PATH itself when it holds a state.pt, else the checkpoint_* directory of the
+    run directory PATH with the lowest validation error."""
     accepted = "give a checkpoint_* directory of a run or a run directory"
-    if not where.is_dir():
-        raise ConfigError(f"{path}: no such directory; {accepted}")
-    if (where / "state.pt").is_file():  # a checkpoint itself: it must be readable
+    fs, root = fs_and_path(path)
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    shown = root if local else path.rstrip("/")  # how messages and the result name it
+    try:
+        kind = fs.get_file_info(root).type
+    except OSError as e:  # an object store: no such bucket, credentials refused
+        raise ConfigError(f"{path}: cannot read it ({str(e).splitlines()[0]}){storage_hint(path)}") from None
+    if kind != pyarrow.fs.FileType.Directory:
+        raise ConfigError(f"{path}: no such directory; {accepted}{storage_hint(path)}")
+
+    def load(name: str | None) -> dict:
+        inside = f"{root}/{name}" if name else root
+        return load_state(inside if local else (fs, inside))
+
+    if fs.get_file_info(f"{root}/state.pt").type == pyarrow.fs.FileType.File:  # a checkpoint itself
         try:
-            return load_state(where), str(where)
+            return load(None), shown
         except CheckpointError as e:
             raise ConfigError(f"{e}; {accepted}") from None
     states, unreadable = {}, []
-    for c in sorted(where.glob("checkpoint_*")):
+    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                   if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for name in names:
         try:  # a run's folder may hold one a failed write left behind (storage full, a node lost)
-            state = load_state(c)
+            state = load(name)
             if not state.get("partial"):  # one within an epoch is no model to evaluate
-                states[c] = state
+                states[name] = state
         except CheckpointError as e:
-            unreadable.append(f"{c.name} ({str(e).removeprefix(str(c / 'state.pt') + ': ')})")
+            unreadable.append(f"{name} ({str(e).split('state.pt: ', 1)[-1]})")
     if unreadable:
         print(f"{path}: skipped {len(unreadable)} unreadable checkpoint(s): {'; '.join(unreadable)}", flush=True)
     if not states:
         raise ConfigError(f"{path}: no state.pt and no checkpoint_* directories holding a readable one; {accepted}")
     best = min(states, key=lambda c: states[c]["history"][-1]["val_error"])
-    if best != where:
-        row = states[best]["history"][-1]
-        print(f"{path}: picked {best.name} (epoch {row['epoch']}, validation error {row['val_error']:.2%}), "
-              f"the lowest of {len(states)} checkpoints", flush=True)
-    return states[best], str(best)
+    row = states[best]["history"][-1]
+    print(f"{path}: picked {best} (epoch {row['epoch']}, validation error {row['val_error']:.2%}), "
+          f"the lowest of {len(states)} checkpoints", flush=True)
+    return states[best], f"{shown}/{best}"
 
 
 # ---------------------------------------------------------------------------------------------

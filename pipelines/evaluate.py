@@ -345,7 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "top-1 and top-5 error (see pipelines/evaluate.py).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
-                        help="a run's checkpoint_* directory, or its run directory (the best checkpoint)")
+                        help="a run's checkpoint_* directory, or its run directory (the best checkpoint); "
+                             "a local path or an s3:// / gs:// URI")
     source.add_argument("--model-uri", metavar="URI",
                         help="an MLflow model: runs:/<run_id>/best_model, models:/NAME/latest, models:/NAME@champion")
     p.add_argument("--shards", metavar="DIR", help="validation shards (default: the model's data.shards)")

@@ -18,6 +18,7 @@ import pyarrow.fs
 import pytest
 import torch
 
+from pipelines.checkpoint import find_checkpoint
 from pipelines.config import HOME, ConfigError, DataSection, load_config
 from pipelines.runtime import free_port
 from tests.conftest import CONFIG
@@ -139,6 +140,16 @@ def test_a_training_reads_its_shards_from_s3_checkpoints_there_resumes_after_a_k
     with fs.open_input_stream(f"{kept[-1]}/state.pt") as f:
         state = torch.load(io.BytesIO(f.read()), weights_only=True)
     assert [row["epoch"] for row in state["history"]] == [1, 2]
+    # evaluate --checkpoint takes the run's folder there: its best epoch end (none within an epoch)
+    best, where = find_checkpoint(f"s3://{BUCKET}/runs/s3run")
+    assert where.startswith(f"s3://{BUCKET}/runs/s3run/checkpoint_00000") and not best.get("partial")
+    assert best["history"][-1]["val_error"] == min(row["val_error"] for row in state["history"])
+    assert find_checkpoint(where)[0]["epoch"] == best["epoch"]
+    scored = run_cli("pipelines.evaluate", "--checkpoint", f"s3://{BUCKET}/runs/s3run", "--out",
+                     str(tmp_path / "eval.json"), env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())  # single crop: training's validation, again
+    assert result["images"] == 360 and result["top1_error"] == pytest.approx(best["history"][-1]["val_error"])
 
     client = MlflowClient(store)
     run = client.get_run(state["mlflow_run_id"])  # the first run's MLflow run, continued
@@ -182,6 +193,9 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_naming_the_uri(s3, 
     assert "\n" not in str(e.value)
     with pytest.raises(ShardError, match=r"^s3://no-such-bucket/digits: cannot write there .*" + re.escape(hint)):
         write_shards(load_digits_source(8, 0), "s3://no-such-bucket/digits", progress=None)
+    with pytest.raises(ConfigError, match=r"^s3://no-such-bucket/runs/x: no such directory; give a checkpoint_.*"
+                                          + re.escape(hint)):
+        find_checkpoint("s3://no-such-bucket/runs/x")
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     cfg = load_config(CONFIG, [f"data.shards=s3://{BUCKET}/shards/digits", f"checkpoint.storage_path={tmp_path}"])
@@ -189,3 +203,6 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_naming_the_uri(s3, 
                                           r"\(.*ACCESS_DENIED.*\); " + re.escape(hint)) as e:
         preflight(cfg)
     assert "\n" not in str(e.value) and "not-the-secret" not in str(e.value)
+    with pytest.raises(ConfigError, match=rf"^s3://{BUCKET}/runs/x: cannot read it \(.*ACCESS_DENIED.*\); "
+                                          + re.escape(hint)):
+        find_checkpoint(f"s3://{BUCKET}/runs/x")
