@@ -426,6 +426,39 @@ def test_checkpoints_within_an_epoch_come_every_n_steps_every_m_minutes_and_once
     assert [s for s in range(41, 61) if ep.due(job, s, say)] == [50]  # asked at the notices' steps only
 
 
+def test_a_checkpoint_within_an_epoch_resumes_its_rows_left_unless_the_batch_size_changed(tmp_path, monkeypatch):
+    """Epoch from a checkpoint taken after 20 steps of epoch 2 (batch 24, 2 workers): with the same
+    batch size a worker trains only the rows left, with the sums so far; with another, the steps
+    and rows of the checkpoint mean nothing, and the epoch starts over, said on the console."""
+    import types
+
+    import numpy as np
+    import ray.train.collective
+    import torch
+    from pipelines import plan
+    from pipelines.train import Epoch
+
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda value: value)
+    units = plan.read_units([("a", 0, [256] * 5 + [181])])  # 1,461 rows: 60 steps of 24
+    cfg = small_cfg(tmp_path, "data.batch_size=24")
+    done = np.zeros(1461, bool)
+    done[plan.epoch_order(units, cfg.run.seed, 2)[:20 * 24]] = True  # the first 20 steps, both workers
+    partial = {"steps": 20, "done": torch.from_numpy(plan.pack(done)), "sums": [1.0] * 6, "batch": 24,
+               "rows": 1461, "workers": 2}
+    job = types.SimpleNamespace(cfg=cfg, info={"train_rows": 1461, "units": units}, world=2, rank=0, epoch=1,
+                                history=[], partial=partial, preemption=None)
+    say = types.SimpleNamespace(lines=[])
+    say.line = say.lines.append
+    ep = Epoch(job, say)
+    assert (ep.epoch, ep.start, ep.carried, len(ep.rows)) == (2, 20, [1.0] * 6, 40 * 12)
+    assert not done[ep.rows].any() and not say.lines
+    job.cfg = small_cfg(tmp_path, "data.batch_size=48")
+    ep = Epoch(job, say)
+    assert (ep.epoch, ep.start, ep.carried, len(ep.rows)) == (2, 0, [0.0] * 6, 30 * 24)
+    assert say.lines == ["the checkpoint within epoch 2 was written with data.batch_size=24 over 1461 images, "
+                         "now 48 over 1461: epoch 2 starts over"]
+
+
 def test_the_next_epoch_started_early_is_taken_only_for_the_rows_it_read(tmp_path, monkeypatch):
     """Upcoming: the next epoch's rows start on their way before this epoch's checkpoint (during its
     validation when images are decoded on the device); that epoch takes them when its rows are those
