@@ -138,10 +138,11 @@ def load_state(where, need: tuple[str, ...] = MODEL_KEYS) -> dict:
         with where.as_directory() as d:
             return load_state(d, need)
     if isinstance(where, tuple):
-        fs, path = where[0], f"{where[1]}/state.pt"
+        fs, inside = where[0], f"{where[1]}/state.pt"
+        path = f"{ {'gcs': 'gs'}.get(fs.type_name, fs.type_name)}://{inside}"  # as the user wrote it
 
         def source():
-            with fs.open_input_stream(path) as f:
+            with fs.open_input_stream(inside) as f:
                 return io.BytesIO(f.read())
     else:
         path = Path(where) / "state.pt"
@@ -198,12 +199,15 @@ def best_checkpoint(result):
     return min(ends, key=lambda cm: cm[1]["val_error"]) if ends else None
 
 
-def final_checkpoint(result):
-    """The newest epoch end Ray Train kept: the latest checkpoint, unless a rerun lowered
-    schedule.epochs below one taken within an epoch, whose weights are no epoch's model. An epoch end
-    is always kept: one within an epoch reports a worse validation error than any."""
+def final_state(result, latest: dict) -> dict:
+    """state.pt of the run's final model: latest's (the latest checkpoint's), unless that one was
+    taken within an epoch (a rerun lowered schedule.epochs below it: its weights are no epoch's
+    model); then the newest epoch end among the best Ray Train kept (keep_best: one within an epoch
+    reports a worse validation error than any epoch end)."""
+    if not latest.get("partial"):
+        return latest
     ends = [cm for cm in result.best_checkpoints if not cm[1].get("partial")]
-    return max(ends, key=lambda cm: cm[1]["epoch"])[0] if ends else result.checkpoint
+    return load_state(max(ends, key=lambda cm: cm[1]["epoch"])[0]) if ends else latest
 
 
 def find_checkpoint(path: str) -> tuple[dict, str]:
@@ -215,24 +219,25 @@ def find_checkpoint(path: str) -> tuple[dict, str]:
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
     shown = root if local else path.rstrip("/")  # how messages and the result name it
     try:
-        kind = fs.get_file_info(root).type
-    except OSError as e:  # an object store: no such bucket, credentials refused
+        if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+            raise ConfigError(f"{path}: no such directory; {accepted}{storage_hint(path)}")
+        itself = fs.get_file_info(f"{root}/state.pt").type == pyarrow.fs.FileType.File  # a checkpoint
+        names = [] if itself else sorted(
+            i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    except OSError as e:  # an object store: no such bucket, credentials refused, the network
         raise ConfigError(f"{path}: cannot read it ({str(e).splitlines()[0]}){storage_hint(path)}") from None
-    if kind != pyarrow.fs.FileType.Directory:
-        raise ConfigError(f"{path}: no such directory; {accepted}{storage_hint(path)}")
 
     def load(name: str | None) -> dict:
         inside = f"{root}/{name}" if name else root
         return load_state(inside if local else (fs, inside))
 
-    if fs.get_file_info(f"{root}/state.pt").type == pyarrow.fs.FileType.File:  # a checkpoint itself
+    if itself:
         try:
             return load(None), shown
         except CheckpointError as e:
             raise ConfigError(f"{e}; {accepted}") from None
     states, unreadable = {}, []
-    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
-                   if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for name in names:
         try:  # a run's folder may hold one a failed write left behind (storage full, a node lost)
             state = load(name)

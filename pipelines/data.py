@@ -13,14 +13,12 @@ T.Compose's per-call machinery), testable alone.
 """
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import functools
 import io
 import logging
 import math
 import os
-import shutil
-import uuid
 import warnings
 
 import numpy as np
@@ -332,18 +330,14 @@ def shards_dir(data: DataSection) -> str:
     path = HOME / "shards" / "digits"
     if not (path / "manifest.json").exists():
         from pipelines.shards import Options, load_digits_source, write_shards
-        # Runs started together on a fresh home each write a copy of their own, and the first one
-        # finished is renamed into place: writers sharing one folder remove each other's files.
-        mine = path.with_name(f".digits.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        write_shards(load_digits_source(32, seed=0), mine, Options(rows_per_shard=512), progress=None)
-        try:
-            os.rename(mine, path)
-        except OSError:  # another run's copy is there, or a folder a killed run left without a manifest
+        # One writer at a time: writers sharing the folder remove each other's unfinished files
+        # (runs started together on a fresh home). A killed writer's lock goes with it, and the next
+        # writer finishes what it left.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / ".digits.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if not (path / "manifest.json").exists():
-                shutil.rmtree(path, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.rename(mine, path)
-            shutil.rmtree(mine, ignore_errors=True)
+                write_shards(load_digits_source(32, seed=0), path, Options(rows_per_shard=512), progress=None)
     return str(path)
 
 

@@ -35,7 +35,6 @@ from pipelines.config import HOME, Config, ConfigError, SetupError
 from pipelines.plots import curves_png
 from pipelines.ray_internals import job_submission_id
 from pipelines.runtime import free_port
-from pipelines.shards import die_with_parent
 from resnet_models import build_model
 
 
@@ -290,6 +289,20 @@ def register(uri: str, name: str, model_uri: str, val_error: float, run_name: st
     return str(version)
 
 
+# `python -c DYING_WITH_PARENT PID MODULE ARGS...` runs `python -m MODULE ARGS...` in its place, set
+# to get SIGTERM when the thread that started it ends, also when its process is killed (SIGKILL runs
+# no cleanup there): Linux's PR_SET_PDEATHSIG, set before the exec and kept across it (a
+# preexec_fn would run Python in a fork of a process with threads). Elsewhere it only runs MODULE.
+DYING_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[1]):  # the parent ended before the line above
+        sys.exit(1)
+os.execv(sys.executable, [sys.executable, "-m", *sys.argv[2:]])
+"""
+
+
 def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
     """An MLflow server over the embedded SQLite store: parallel trials then write through one
     process instead of locking the database file against each other."""
@@ -298,12 +311,12 @@ def local_tracking_server(uri: str) -> tuple[str, subprocess.Popen]:
     db = uri.removeprefix("sqlite:///")
     # Without MLflow's job execution (GenAI scorers, trace rollups: nothing a training logs), the
     # server starts no pool of job-consumer processes, each importing MLflow beside the trials.
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+    proc = subprocess.Popen([sys.executable, "-c", DYING_WITH_PARENT, str(os.getpid()), "mlflow", "server",
+                             "--backend-store-uri", uri,
                              "--artifacts-destination", (Path(db).parent / "mlartifacts").as_uri(),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent)  # not left serving when the sweep is killed
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

@@ -31,7 +31,7 @@ from torch import nn
 
 from pipelines import checkpoint, plan
 from pipelines.checkpoint import (StorageFull, best_checkpoint, check_space, checkpoint_name, discarded_checkpoints,
-                                  final_checkpoint, has_checkpoints, load_state, read_text, remove_checkpoints,
+                                  final_state, has_checkpoints, load_state, read_text, remove_checkpoints,
                                   save_text, storage_full_at, tensor_bytes)
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
@@ -581,8 +581,12 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
         try:
             result = storage_full_said(trainer.fit)
             if result.checkpoint is not None:
-                final = load_state(final_checkpoint(result))
-                EpochLog(info["mlflow_uri"], info["mlflow_run_id"]).log(final["history"])  # any LogEpochs missed
+                latest = load_state(result.checkpoint)
+                EpochLog(info["mlflow_uri"], info["mlflow_run_id"]).log(latest["history"])  # any LogEpochs missed
+                final = final_state(result, latest)
+                if final is not latest:
+                    print(f"final_model: epoch {final['epoch']}'s checkpoint, the newest epoch end kept (the "
+                          f"latest was taken within epoch {latest['epoch'] + 1})", flush=True)
                 best = best_checkpoint(result)
                 log_models(cfg, info["mlflow_uri"], final, load_state(best[0]) if best else final)
         except BaseException:
@@ -608,7 +612,7 @@ def storage_full_said(run):
 
 
 def closing_summary(cfg: Config, result, seconds: float) -> str:
-    last = load_state(final_checkpoint(result))
+    last = load_state(result.checkpoint)
     best = best_checkpoint(result)
     return summary(epochs=last["epoch"], seconds=seconds, final_error=last["history"][-1]["val_error"],
                    best=(best[1]["val_error"], best[1]["epoch"], best[0].path.rsplit("/", 1)[-1]) if best else None,

@@ -270,8 +270,9 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     t0 = time.time()
     if tune.Tuner.can_restore(f"{directory}/tuner"):
         print(f"resuming sweep {cfg.tune.name} from {directory}/tuner", flush=True)
-        tuner = tune.Tuner.restore(f"{directory}/tuner", trainable=trainable, param_space=space,
-                                   resume_errored=True)
+        # Tune's saved search space, not ours again: Tune refuses one whose keys differ, and sweeps
+        # saved before the sweep's config moved out of the trials' configs had more.
+        tuner = tune.Tuner.restore(f"{directory}/tuner", trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg,

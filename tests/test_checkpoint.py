@@ -105,14 +105,24 @@ def test_checkpoints_of_a_discarded_attempt_are_found_by_position(tmp_path):
         "checkpoint_manager_snapshot.json"]
 
 
-def test_the_final_model_is_the_newest_epoch_end_even_when_a_checkpoint_within_an_epoch_is_later():
-    # A run stopped within epoch 4 and rerun with schedule.epochs=3: Ray's latest checkpoint is the
-    # one within epoch 4, whose weights are no epoch's model.
+def test_the_final_model_is_the_latest_checkpoint_unless_that_one_was_taken_within_an_epoch(tmp_path):
+    # Ray Train's best_checkpoints holds the best keep_best (2) by validation error, which need not
+    # include the latest. A run stopped within epoch 5 and rerun with schedule.epochs=4: the latest
+    # is the one within epoch 5, whose weights are no epoch's model; epoch 4's end was not kept.
     from types import SimpleNamespace
-    ends = [("ep2", {"epoch": 2, "val_error": 0.20}), ("ep3", {"epoch": 3, "val_error": 0.30})]
-    within = ("ep4-step10", {"epoch": 4, "step": 10, "partial": True, "val_error": 2.0})
-    stopped = SimpleNamespace(best_checkpoints=[*ends, within], checkpoint="ep4-step10")
-    assert checkpoint.final_checkpoint(stopped) == "ep3"
-    assert checkpoint.best_checkpoint(stopped)[0] == "ep2"
-    finished = SimpleNamespace(best_checkpoints=ends, checkpoint="ep3")
-    assert checkpoint.final_checkpoint(finished) == "ep3"
+
+    def saved(name, epoch, val_error, **more):
+        (tmp_path / name).mkdir()
+        torch.save({**STATE, "epoch": epoch, "history": [{"epoch": epoch, "val_error": val_error}], **more},
+                   tmp_path / name / "state.pt")
+        return str(tmp_path / name), {"epoch": epoch, "val_error": val_error, **more}
+
+    ep2, ep3, ep4 = saved("ep2", 2, 0.20), saved("ep3", 3, 0.25), saved("ep4", 4, 0.30)
+    finished = SimpleNamespace(best_checkpoints=[ep2, ep3], checkpoint=ep4[0])
+    latest = load_state(finished.checkpoint)
+    assert checkpoint.final_state(finished, latest) is latest
+    assert checkpoint.best_checkpoint(finished)[0] == ep2[0]
+    within = saved("ep5-step10", 4, 2.0, partial={"steps": 10})
+    stopped = SimpleNamespace(best_checkpoints=[ep2, ep3, within], checkpoint=within[0])
+    assert checkpoint.final_state(stopped, load_state(stopped.checkpoint))["epoch"] == 3
+    assert checkpoint.best_checkpoint(stopped)[0] == ep2[0]

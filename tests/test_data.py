@@ -152,7 +152,7 @@ def digits_dir(tmp_path_factory):
 
 def test_runs_started_together_on_a_fresh_home_each_get_the_whole_digits(tmp_path, monkeypatch):
     # Two runs (or a sweep's first trials) write the bundled digits at the same moment, over a
-    # folder a killed run left without its manifest: both get every shard, and no copy is left over.
+    # folder a killed run left without its manifest: both get every shard, written once.
     import threading
     import pipelines.data as D
     monkeypatch.setattr(D, "HOME", tmp_path)
@@ -178,7 +178,7 @@ def test_runs_started_together_on_a_fresh_home_each_get_the_whole_digits(tmp_pat
     rows = {s: sum(sum(groups) for _, _, groups in check_shards(got[0], s, verify="sha256"))
             for s in ("train", "val")}
     assert rows == {"train": 1437, "val": 360}
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["digits"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [".digits.lock", "digits"]
 
 
 def test_each_epoch_shows_every_training_image_once_across_the_workers(digits_dir, tmp_path, ray_session):

@@ -43,6 +43,7 @@ def test_the_driver_logs_samples_as_system_metrics_stepped_by_seconds_since_the_
 
 def test_a_sweeps_local_mlflow_server_ends_when_its_driver_is_killed(mlflow_uri):
     # SIGKILL runs no cleanup in the driver: the server must not go on serving (and holding the store).
+    import os
     import signal
     import subprocess
     import sys
@@ -50,18 +51,26 @@ def test_a_sweeps_local_mlflow_server_ends_when_its_driver_is_killed(mlflow_uri)
     from tests.conftest import ROOT
     driver = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pipelines.tracking import local_tracking_server\n"
-         f"url, _ = local_tracking_server({mlflow_uri!r}); print(url, flush=True); time.sleep(300)"],
+         f"url, proc = local_tracking_server({mlflow_uri!r}); print(url, proc.pid, flush=True); time.sleep(300)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    url = driver.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:"), url
-    urllib.request.urlopen(f"{url}/health", timeout=5)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    deadline = time.time() + 30
-    while True:
+    url, server = driver.stdout.readline().split()
+    try:
+        assert url.startswith("http://127.0.0.1:"), url
+        urllib.request.urlopen(f"{url}/health", timeout=5)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+            except OSError:
+                break  # gone
+            assert time.time() < deadline, f"the MLflow server at {url} still answers 30 s after its driver was killed"
+            time.sleep(0.5)
+    finally:
+        driver.kill()
+        driver.stdout.close()
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-        except OSError:
-            break  # gone
-        assert time.time() < deadline, f"the MLflow server at {url} still answers 30 s after its driver was killed"
-        time.sleep(0.5)
+            os.killpg(int(server), signal.SIGKILL)  # the server's own session: it and its uvicorn
+        except ProcessLookupError:
+            pass

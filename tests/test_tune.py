@@ -145,7 +145,7 @@ def test_a_grace_period_longer_than_the_trials_is_refused_before_the_sweep_start
 
 def test_a_finished_trials_models_come_from_epoch_ends_not_a_checkpoint_within_an_epoch(tmp_path, monkeypatch):
     # Its folder: epochs 1 and 2 (1 the better), a checkpoint within epoch 3 (after 2 epochs, so its
-    # epoch ties with 2's end), and one a failed write left unreadable.
+    # epoch ties with 2's end; the lowest error, were it an epoch's), and one a failed write left.
     import torch
     import pipelines.tune as T
     from pipelines import checkpoint
@@ -155,7 +155,7 @@ def test_a_finished_trials_models_come_from_epoch_ends_not_a_checkpoint_within_a
         return {"format": checkpoint.FORMAT, "model": {}, "config": {}, "model_name": "cifar_resnet8",
                 "epoch": epoch, "history": [{"epoch": epoch, "val_error": val_error}], **more}
     for name, s in [("checkpoint_000001_a", state(1, 0.3)), ("checkpoint_000002_a", state(2, 0.4)),
-                    ("checkpoint_000002_s000000010_a", state(2, 0.4, partial={"steps": 10}))]:
+                    ("checkpoint_000002_s000000010_a", state(2, 0.1, partial={"steps": 10}))]:
         (tmp_path / "trial" / name).mkdir(parents=True)
         torch.save(s, tmp_path / "trial" / name / "state.pt")
     (tmp_path / "trial" / "checkpoint_000003_a").mkdir()
