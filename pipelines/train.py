@@ -385,7 +385,7 @@ def train_loop(config: dict) -> None:
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch or job.partial else ""))
-    if job.partial:
+    if job.partial and job.epoch < cfg.schedule.epochs:
         p = job.partial
         say.line(f"continuing epoch {job.epoch + 1} from step {p['steps']:,} of "
                  f"{plan.steps_per_epoch(config['train_rows'], cfg.data.batch_size):,} with {workers_now}"
