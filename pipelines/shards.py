@@ -595,8 +595,11 @@ def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def storage_hint(uri: str) -> str:
-    """For an s3:// URI, what decides where its requests go and with which credentials (an error's
-    tail: '; ...'); nothing for other paths."""
+    """For an s3:// or gs:// URI, what decides where its requests go and with which credentials
+    (an error's tail: '; ...'); nothing for other paths."""
+    if uri.startswith("gs://"):  # pyarrow's GcsFileSystem: Google's Application Default Credentials
+        return ("; check that the bucket exists and the credentials may use it: GOOGLE_APPLICATION_CREDENTIALS "
+                "(a service account's key file) off Google Cloud, else the machine's service account")
     if not uri.startswith("s3://"):
         return ""
     return ("; check that the bucket exists and the credentials may use it: AWS_ACCESS_KEY_ID and "
