@@ -484,7 +484,7 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
             bar.advance(len(shards[s][i]))
     else:  # one task per shard: each carries only its own items
         # pyarrow's S3 client (the AWS SDK) does not survive a fork once started: spawned processes there
-        pool = ProcessPoolExecutor(workers, initializer=_die_with_parent,
+        pool = ProcessPoolExecutor(workers, initializer=die_with_parent,
                                    mp_context=None if store.local else multiprocessing.get_context("spawn"))
         try:
             futures = {pool.submit(_write_shard, str(out), s, i, shards[s][i], source.root,
@@ -511,9 +511,10 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
     return manifest
 
 
-def _die_with_parent() -> None:
-    """A pool worker ends when the writer does, also when the writer is killed (SIGKILL runs no
-    cleanup); Linux's PR_SET_PDEATHSIG. Elsewhere a no-op."""
+def die_with_parent() -> None:
+    """This process gets SIGTERM when the thread that started it ends, also when that process is
+    killed (SIGKILL runs no cleanup): the writer's pool workers, a sweep's MLflow server
+    (pipelines.tracking). Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
     try:
         import ctypes
         import signal

@@ -290,15 +290,14 @@ def register(uri: str, name: str, model_uri: str, val_error: float, run_name: st
 
 
 # `python -c DYING_WITH_PARENT PID MODULE ARGS...` runs `python -m MODULE ARGS...` in its place, set
-# to get SIGTERM when the thread that started it ends, also when its process is killed (SIGKILL runs
-# no cleanup there): Linux's PR_SET_PDEATHSIG, set before the exec and kept across it (a
-# preexec_fn would run Python in a fork of a process with threads). Elsewhere it only runs MODULE.
+# to end with the process PID that started it, also when that one is killed (die_with_parent, set
+# before the exec and kept across it; a preexec_fn would run Python in a fork of a process with threads).
 DYING_WITH_PARENT = """\
-import ctypes, os, signal, sys
-if sys.platform == "linux":
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != int(sys.argv[1]):  # the parent ended before the line above
-        sys.exit(1)
+import os, sys
+from pipelines.shards import die_with_parent
+die_with_parent()
+if os.getppid() != int(sys.argv[1]):  # the parent ended before the line above
+    sys.exit(1)
 os.execv(sys.executable, [sys.executable, "-m", *sys.argv[2:]])
 """
 
