@@ -71,6 +71,9 @@ def sweep_dir(cfg: Config) -> str:
     return f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.tune.name}"
 
 
+TABLE_COLUMNS = ("val_error", "train_error", "lr", "images_per_s")
+
+
 def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None) -> None:
     """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results, and its
     rank 0's lines go to the sweep's console, each with the trial's run name. config holds the
@@ -83,11 +86,13 @@ def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
 
     class EpochsToTune(TuneReportCallback):
-        """Whole epochs only: a checkpoint within an epoch (checkpoint.every_*) has no validation error."""
+        """Whole epochs only: a checkpoint within an epoch (checkpoint.every_*) has no validation error.
+        TABLE_COLUMNS first, since Tune's status table shows the first four metrics of a result."""
 
         def after_report(self, run_context, metrics, checkpoint):
             if not metrics[0].get("partial"):
-                super().after_report(run_context, metrics, checkpoint)
+                first = {k: metrics[0][k] for k in TABLE_COLUMNS if k in metrics[0]}
+                super().after_report(run_context, [{**first, **metrics[0]}, *metrics[1:]], checkpoint)
 
     fit(cfg, callbacks=[EpochsToTune()], parent_run_id=parent_run_id,
         console={**console, "tag": f"{cfg.run.name}: "} if console else None)

@@ -104,6 +104,7 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_pat
     out = run_cli("pipelines.tune", *args, env=env, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep killed" in out.stdout
+    assert re.search(r"Trial name .* val_error +train_error +lr +images_per_s", out.stdout), out.stdout[-3000:]
     started = set(re.findall(r"(\w+)-lr=[\d.e-]+: cifar_resnet8: 1 worker on", out.stdout + out.stderr))
     assert started and not started & finished, (started, finished)  # only the unfinished ran again
     client, parents, children = runs(uri, "resume-test")
