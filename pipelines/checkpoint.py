@@ -33,7 +33,7 @@ import pyarrow.fs
 import torch
 
 from pipelines.config import ConfigError
-from pipelines.shards import fs_and_path, storage_hint
+from pipelines.shards import fs_and_path, storage_error, storage_hint
 
 Place = str | tuple[pyarrow.fs.FileSystem, str]  # a URI, or fs_and_path's (filesystem, path) of one
 
@@ -226,7 +226,7 @@ def find_checkpoint(path: str) -> tuple[dict, str]:
             i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     except OSError as e:  # an object store: no such bucket, credentials refused, the network
-        raise ConfigError(f"{path}: cannot read it ({str(e).splitlines()[0]}){storage_hint(path)}") from None
+        raise ConfigError(f"{path}: cannot read it ({storage_error(e)}){storage_hint(path)}") from None
 
     def load(name: str | None) -> dict:
         inside = f"{root}/{name}" if name else root

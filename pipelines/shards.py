@@ -17,6 +17,7 @@ are skipped and listed with their reason; they never stop a run.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import io
 import json
@@ -463,14 +464,14 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
         store.prepare()
         planned = store.read(".progress/plan.json")
     except OSError as e:  # an object store: no such bucket, credentials refused
-        raise ShardError(f"{out}: cannot use it ({str(e).splitlines()[0]}){storage_hint(out)}") from None
+        raise ShardError(f"{out}: cannot use it ({storage_error(e)}){storage_hint(out)}") from None
     if planned is not None and json.loads(planned) != identity:
         raise ShardError(f"{out}: holds shards written from another source or with other options "
                          f"(see {out}/.progress/plan.json); rerun with the same ones to resume, or use a new --out")
     try:
         store.write(".progress/plan.json", json.dumps(identity, indent=1).encode())
     except OSError as e:
-        raise ShardError(f"{out}: cannot write there ({str(e).splitlines()[0]}){storage_hint(out)}") from None
+        raise ShardError(f"{out}: cannot write there ({storage_error(e)}){storage_hint(out)}") from None
 
     metas = {s: [_done(store, s, i) for i in range(len(shards[s]))] for s in SPLITS}
     todo = [(s, i) for s in SPLITS for i, m in enumerate(metas[s]) if m is None]
@@ -571,6 +572,9 @@ def manifest_summary(manifest: dict, seconds: float, stream) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading the format back: the manifest and the shards it lists, checked
 
+GCS_RETRY_S = 120  # the default deadline of Google's Python clients (google.api_core.retry)
+
+
 def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """(filesystem, path) of a local path or an s3:// / gs:// URI: the one place this project
     builds a filesystem, for shards, checkpoints and the files beside them, and Ray Train's storage.
@@ -583,16 +587,30 @@ def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     tasks) then use them without having them in their own environment, and no runtime env, which
     Ray shows on its dashboard and logs, ever holds them. Without such keys each process finds its
     own (a node's role).
+
+    gs://: Google's Application Default Credentials. Failed requests are retried for GCS_RETRY_S
+    in all (or the URI's ?retry_limit_seconds=N), not the GCS C++ client's 15 minutes, which a
+    machine without credentials or network would wait before its error.
     """
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if isinstance(fs, pyarrow.fs.GcsFileSystem):
+        _, (options,) = fs.__reduce__()
+        if options["retry_time_limit"] is None:
+            fs = pyarrow.fs.GcsFileSystem(**{**options, "retry_time_limit": datetime.timedelta(seconds=GCS_RETRY_S)})
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if isinstance(fs, pyarrow.fs.S3FileSystem) and key and secret:
         _, (options,) = fs.__reduce__()  # what pyarrow resolved (endpoint, region, ...): its pickled form
         fs = pyarrow.fs.S3FileSystem(**{**options, "access_key": key, "secret_key": secret,
                                         "session_token": os.environ.get("AWS_SESSION_TOKEN") or None})
     return fs, path
+
+
+def storage_error(e: Exception) -> str:
+    """An OSError of a filesystem in one line, for messages: its first line, without the GCS
+    client's error_info={...}, which repeats the message."""
+    return str(e).splitlines()[0].split(" error_info={")[0] if str(e) else type(e).__name__
 
 
 def storage_hint(uri: str) -> str:
@@ -617,7 +635,7 @@ def load_manifest(shards_dir: str) -> dict:
         raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({e}); write the shards with "
                          "python -m pipelines.shards, or finish that run by running it again") from None
     except OSError as e:  # an object store that refused: no such bucket, credentials, endpoint
-        raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({str(e).splitlines()[0]})"
+        raise ShardError(f"{shards_dir}/manifest.json: cannot read it ({storage_error(e)})"
                          f"{storage_hint(shards_dir) or '; check the path and its permissions'}") from None
     except ValueError as e:
         raise ShardError(f"{shards_dir}/manifest.json: not valid JSON ({e})") from None

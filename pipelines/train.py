@@ -41,7 +41,7 @@ from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_o
                               unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, start_ray
-from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_hint
+from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_error, storage_hint
 from pipelines.tracking import (EpochLog, Gauges, SystemMetricsLog, SystemSampler, ensure_experiment, flat_params,
                                 log_lineage, log_models, mlflow_client, open_run, quiet_mlflow, ui_command)
 from resnet_models import build_model, model_stats
@@ -484,6 +484,16 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {directory} has {rows['train']} training "
                           "images, fewer than one global batch; lower data.batch_size")
 
+    def unwritable(e: OSError) -> ConfigError:
+        return ConfigError(f"checkpoint.storage_path={cfg.checkpoint.storage_path}: cannot write "
+                           f"{cfg.run_dir}/config.yaml ({storage_error(e)}); give a writable local path or an "
+                           f"s3:// / gs:// URI{storage_hint(cfg.run_dir)}")
+
+    fs, path = fs_and_path(cfg.run_dir)
+    try:  # storage that refuses or does not answer: said after one call's retries, not after each call's
+        fs.get_file_info(path)
+    except OSError as e:
+        raise unwritable(e) from None
     previous = read_text(cfg.run_dir, "config.yaml")
     if previous is not None and has_checkpoints(cfg.run_dir):
         try:
@@ -502,9 +512,7 @@ def preflight(cfg: Config) -> dict:
     try:
         save_text(cfg.run_dir, "config.yaml", cfg.to_yaml())
     except OSError as e:
-        raise ConfigError(f"checkpoint.storage_path={cfg.checkpoint.storage_path}: cannot write "
-                          f"{cfg.run_dir}/config.yaml ({str(e).splitlines()[0]}); give a writable local path or an "
-                          f"s3:// / gs:// URI{storage_hint(cfg.run_dir)}") from None
+        raise unwritable(e) from None
 
     uri = cfg.mlflow.resolved_uri()
     if not cfg.run.verbose:

@@ -206,3 +206,37 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_naming_the_uri(s3, 
     with pytest.raises(ConfigError, match=rf"^s3://{BUCKET}/runs/x: cannot read it \(.*ACCESS_DENIED.*\); "
                                           + re.escape(hint)):
         find_checkpoint(f"s3://{BUCKET}/runs/x")
+
+
+def test_gs_without_credentials_or_network_says_so_within_the_retry_limit_naming_the_uri(monkeypatch):
+    """Google's C++ client retries for 15 minutes by default; fs_and_path caps it (GCS_RETRY_S,
+    shortened here), so a machine without Google's credentials or network gets its one-line error
+    (this machine has neither: the access token cannot be fetched) instead of a silent wait."""
+    import threading
+    import pipelines.shards
+    from pipelines.shards import fs_and_path
+    from pipelines.train import preflight
+    monkeypatch.setattr(pipelines.shards, "GCS_RETRY_S", 1)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    assert fs_and_path("gs://b/x?retry_limit_seconds=7")[0].__reduce__()[1][0]["retry_time_limit"].seconds == 7
+    cfg = load_config(CONFIG, ["checkpoint.storage_path=gs://no-such-bucket/runs", "run.name=x"])
+    errors = []
+
+    def attempt():
+        for call in (lambda: preflight(cfg), lambda: find_checkpoint("gs://no-such-bucket/runs/x")):
+            try:
+                call()
+            except ConfigError as e:
+                errors.append(str(e))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=90)
+    assert not worker.is_alive(), "still waiting on gs:// after 90 s"
+    hint = "check that the bucket exists and the credentials may use it: GOOGLE_APPLICATION_CREDENTIALS"
+    assert len(errors) == 2, errors
+    assert re.match(r"^checkpoint.storage_path=gs://no-such-bucket/runs: cannot write "
+                    r"gs://no-such-bucket/runs/x/config.yaml \(.+\); .*" + re.escape(hint), errors[0]), errors[0]
+    assert re.match(r"^gs://no-such-bucket/runs/x: (cannot read it \(.+\)|no such directory.*); .*"
+                    + re.escape(hint), errors[1]), errors[1]
+    assert all("\n" not in e and "error_info" not in e for e in errors), errors
