@@ -18,7 +18,8 @@ def pyplot():
 
 def _save(fig, ax, path: str, legend_size: float | None = None) -> None:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if ax.get_legend_handles_labels()[1]:  # a sweep whose one trial has no label: no legend, no warning
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)

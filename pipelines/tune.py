@@ -16,7 +16,9 @@ import contextlib
 import csv
 import io
 import math
+import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from pipelines.console import Console
 from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
-from pipelines.shards import fs_and_path
+from pipelines.shards import fs_and_path, held_aws_keys
 from pipelines.tracking import (SystemMetricsLog, ensure_experiment, local_tracking_server, log_models, mlflow_client,
                                open_sweep_run, quiet_mlflow, register)
 from pipelines.train import fit
@@ -72,15 +74,23 @@ def sweep_dir(cfg: Config) -> str:
 
 
 TABLE_COLUMNS = ("val_error", "train_error", "lr", "images_per_s")
+# What a trial's process reads as the sweep's driver does: object storage (pipelines.shards.fs_and_path,
+# MLflow's boto3: endpoint, region, keys, profile) and the tracking server (MLflow's token or password).
+DRIVER_ENV = ("AWS_", "GOOGLE_", "MLFLOW_")
 
 
-def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None) -> None:
+def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None,
+              env: dict | None = None) -> None:
     """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results, and its
     rank 0's lines go to the sweep's console, each with the trial's run name. config holds the
-    searched values alone, base the sweep's config."""
+    searched values alone, base the sweep's config, env the driver's DRIVER_ENV settings: the
+    trial's process is Ray's, started with the environment of the Ray node, which on a cluster the
+    driver joined is not the driver's (it reaches the trial through Ray's object store, never a
+    runtime env, which Ray's dashboard shows)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    os.environ.update(env or {})
     base = Config.model_validate(base)
     params = {k: config[k] for k in base.tune.space}
     cfg = trial_config(base, params, tune.get_context().get_trial_id())
@@ -237,15 +247,17 @@ def sweep(cfg: Config):
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
         # the trials' lines (no bars: they would interleave) and their rank 0's system metrics
-        with SystemMetricsLog(uri) as system, Console(progress_s=0, handlers={"system": system.log}) as console:
-            return _sweep(base, cfg, uri, limit, search_alg, console.channel())
+        env = {k: v for k, v in os.environ.items() if k.startswith(DRIVER_ENV)}  # before the keys are held
+        with (SystemMetricsLog(uri) as system, Console(progress_s=0, handlers={"system": system.log}) as console,
+              held_aws_keys()):
+            return _sweep(base, cfg, uri, limit, search_alg, console.channel(), env)
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict, env: dict):
     import ray.util
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -261,7 +273,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     # The sweep's config beside the trials' configs, not in them: Tune prints a trial's config when
     # it starts, and should print only what the search chose.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"),
-                                                         parent_run_id=parent, console=console),
+                                                         parent_run_id=parent, console=console, env=env),
                                     {"CPU": TRIAL_CPU, here: 0.001})
     space = search_space(cfg)
     max_t = max_epochs(cfg)
@@ -271,6 +283,8 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
         stopping = f"ASHA on val_error (grace {cfg.tune.grace_period}, reduction {cfg.tune.reduction_factor})"
     else:
         scheduler, stopping = FIFOScheduler(), "every trial runs all its epochs"
+    # Tune builds its own filesystem for its state (a storage_filesystem would be pickled, keys and
+    # all, into tuner.pkl): in this process, with the keys held_aws_keys holds
     run_config = tune.RunConfig(name="tuner", storage_path=directory)
     t0 = time.time()
     if tune.Tuner.can_restore(f"{directory}/tuner"):
@@ -330,18 +344,36 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     return rows, grid
 
 
+def train_command(argv: list[str], cfg: Config, values: dict) -> str:
+    """pipelines.train's command for a trial's values (its Tune config): the sweep's own command line
+    (its config file and overrides: data, scaling, ...) less its tune.* keys, its run.name and the
+    searched keys, then the searched values (a set of keys that go together: one override each)."""
+    def overrides(key, value):
+        if isinstance(value, dict):
+            return [o for k, v in value.items() for o in overrides(f"{key}.{k}", v)]
+        return [f"{key}={value}"]
+    keys = varying(cfg)
+    kept = [a for a in argv if a.startswith("-") or "=" not in a or not (
+        (key := a.partition("=")[0].strip()).startswith("tune.") or key in keys or key == "run.name")]
+    if not any(a == "--config" or a.startswith("--config=") for a in kept):
+        kept = ["--config", "ray_config.yaml", *kept]
+    return shlex.join(["python", "-m", "pipelines.train", *kept, *(o for k in keys for o in overrides(k, values[k])),
+                       f"run.name={cfg.tune.name}-best"])
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_cli(argv, "Search the tune.space of ray_config.yaml with Ray Tune and ASHA.")
     with cli_errors():
-        rows, _ = sweep(cfg)
+        rows, grid = sweep(cfg)
     if not rows or math.isnan(rows[0]["best_val_error"]):
         print("no trial finished an epoch", file=sys.stderr)
         raise SystemExit(1)
     best = rows[0]
-    overrides = " ".join(f"{k}={best[k]}" for k in varying(cfg))
-    print(f"best: {overrides}: validation error {best['best_val_error']:.2%} after {best['epochs']} epochs\n"
-          f"train it fully:  python -m pipelines.train --config ray_config.yaml {overrides} "
-          f"run.name={cfg.tune.name}-best")
+    values = next(r.config for r in grid if (r.metrics or {}).get("trial_id") == best["trial"])
+    chosen = " ".join(f"{k}={best[k]}" for k in varying(cfg))
+    print(f"best: {chosen + ': ' if chosen else ''}validation error {best['best_val_error']:.2%} after "
+          f"{best['epochs']} epochs\ntrain it fully:  {train_command(argv, cfg, values)}")
 
 
 if __name__ == "__main__":

@@ -240,3 +240,63 @@ def test_gs_without_credentials_or_network_says_so_within_the_retry_limit_naming
     assert re.match(r"^gs://no-such-bucket/runs/x: (cannot read it \(.+\)|no such directory.*); .*"
                     + re.escape(hint), errors[1]), errors[1]
     assert all("\n" not in e and "error_info" not in e for e in errors), errors
+
+
+def test_a_sweep_on_a_cluster_without_the_credentials_keeps_its_checkpoints_and_models_in_s3(
+        s3, tmp_path, ray_session, run_cli):
+    """The sweep's driver has the S3 settings; the session's Ray, whose processes run the trial
+    functions, does not (a cluster the driver joined). The trials get them through Ray's object
+    store, so their checkpoints and models land in the bucket, and the secret shows nowhere."""
+    import ray
+    from mlflow import MlflowClient
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--config", str(CONFIG), "tune.space={}", "data.batch_size=32", "data.shuffle_buffer=256",
+            "schedule.milestones=[]", "scaling.num_workers=1", "tune.scheduler=fifo", "run.progress_s=0",
+            f"checkpoint.storage_path=s3://{BUCKET}/sweeps", "tune.name=s3sweep", f"mlflow.tracking_uri={store}",
+            f"mlflow.artifact_location=s3://{BUCKET}/mlflow", "mlflow.experiment=s3sweep",
+            "tune.space.model.depth=[8]", "tune.space.optim.lr=[0.1]", "tune.space.schedule.epochs=[1]"]
+    started = time.time()
+    out = run_cli("pipelines.tune", *args, env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **s3.env},
+                  timeout=400)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-3000:]
+
+    stored = objects(s3)
+    trial = re.search(r"(\w+): cifar_resnet8: 1 worker on", console).group(1)  # no searched key varies: its id
+    assert any(re.fullmatch(rf"sweeps/s3sweep/{trial}/checkpoint_000001_[^/]+/state\.pt", k) for k in stored), \
+        sorted(stored)
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("s3sweep").experiment_id
+    child = next(r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags)
+    assert child.info.status == "FINISHED" and child.info.artifact_uri.startswith(f"s3://{BUCKET}/mlflow/")
+    models = client.search_logged_models([experiment])
+    assert {m.name for m in models} == {"best_model", "final_model"}
+    assert all(m.artifact_location.startswith(f"s3://{BUCKET}/mlflow/") for m in models)
+
+    # Not in the console, Tune's state in the bucket (tuner.pkl, params.pkl), MLflow, or the logs
+    secret = s3.secret.encode()
+    assert secret not in console.encode()
+    assert not [k for k, body in stored.items() if secret in body]
+    assert secret not in Path(tmp_path / "mlflow.db").read_bytes()
+    logs = Path(re.search(r"its own log lines in (\S+)", console).group(1))
+    touched = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
+    assert touched and not [p for p in touched if secret in p.read_bytes()]
+
+
+def test_held_aws_keys_leave_the_environment_and_come_back_while_sdks_still_find_them(monkeypatch):
+    import boto3
+    from pipelines.shards import aws_keys, held_aws_keys
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAHELD")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "held/secret")
+    monkeypatch.setenv("AWS_PROFILE", "someone-else")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
+    with held_aws_keys():
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"} & set(os.environ)
+        assert aws_keys() == {"AWS_ACCESS_KEY_ID": "AKIAHELD", "AWS_SECRET_ACCESS_KEY": "held/secret"}
+        credentials = boto3.Session().get_credentials()  # as MLflow's S3 client finds them
+        assert (credentials.access_key, credentials.secret_key) == ("AKIAHELD", "held/secret")
+        where = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+        assert where.startswith(f"/proc/{os.getpid()}/fd/")  # in memory only: no file left if the driver dies
+    assert (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_PROFILE"]) == ("held/secret", "someone-else")
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in os.environ

@@ -166,3 +166,21 @@ def test_a_finished_trials_models_come_from_epoch_ends_not_a_checkpoint_within_a
     T.log_trial_models(cfg, "sqlite:///unused.db")
     [(final, best)] = logged
     assert (final["epoch"], "partial" in final, best["epoch"]) == (2, False, 1)
+
+
+def test_the_command_that_trains_the_best_values_keeps_the_sweeps_config_file_and_overrides():
+    from pipelines.tune import train_command
+    argv = ["--config", str(CONFIG), "data.shards=/data/my shards", "scaling.num_workers=2", "tune.space={}",
+            "tune.space.model=[{unit: full_preact}, {unit: original, shortcut_variant: conv1x1}]",
+            "tune.space.optim.lr=[0.1, 0.05]", "tune.space.schedule.epochs=[4]", "schedule.milestones=[]",
+            "run.name=mine", "optim.lr=0.3", "--verbose"]
+    cfg = load_config(CONFIG, [a for a in argv[2:] if "=" in a])
+    command = train_command(argv, cfg, {"model": {"unit": "original", "shortcut_variant": "conv1x1"},
+                                        "optim.lr": 0.05, "schedule.epochs": 4})
+    # the file and its overrides, less tune.*, run.name and a searched key; then the values found
+    # (not schedule.epochs: one value fixes a setting for the sweep only)
+    assert command == (f"python -m pipelines.train --config {CONFIG} 'data.shards=/data/my shards' "
+                       "scaling.num_workers=2 'schedule.milestones=[]' --verbose model.unit=original "
+                       "model.shortcut_variant=conv1x1 optim.lr=0.05 run.name=depth-sweep-best")
+    assert train_command([], load_config(CONFIG, []), {"model.depth": 20, "optim.lr": 0.1}) == \
+        "python -m pipelines.train --config ray_config.yaml model.depth=20 optim.lr=0.1 run.name=depth-sweep-best"
