@@ -6,6 +6,7 @@ imports nothing of the project's, so those processes start light.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 
@@ -63,3 +64,21 @@ def job_submission_id() -> str | None:
         return json.loads(raw)["metadata"]["job_submission_id"] if raw else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+AWS_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+@contextlib.contextmanager
+def tune_keeps_aws_keys_out_of_runtime_envs():
+    """Ray Tune 2.60 copies the driver's AWS keys into its trials' runtime env (the module set
+    ENV_VARS_TO_PROPAGATE, read each time a trial's actor class is made), and Ray's dashboard shows
+    runtime envs and its runtime env agent logs them. Without them there meanwhile; a sweep hands
+    its trials the keys itself (pipelines.tune.run_trial)."""
+    from ray.tune.execution import class_cache
+    kept = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = kept - AWS_KEYS
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = kept

@@ -17,7 +17,6 @@ are skipped and listed with their reason; they never stop a run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import io
@@ -600,52 +599,12 @@ def fs_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         _, (options,) = fs.__reduce__()
         if options["retry_time_limit"] is None:
             fs = pyarrow.fs.GcsFileSystem(**{**options, "retry_time_limit": datetime.timedelta(seconds=GCS_RETRY_S)})
-    keys = aws_keys()
-    if isinstance(fs, pyarrow.fs.S3FileSystem) and keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY"):
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if isinstance(fs, pyarrow.fs.S3FileSystem) and key and secret:
         _, (options,) = fs.__reduce__()  # what pyarrow resolved (endpoint, region, ...): its pickled form
-        fs = pyarrow.fs.S3FileSystem(**{**options, "access_key": keys["AWS_ACCESS_KEY_ID"],
-                                        "secret_key": keys["AWS_SECRET_ACCESS_KEY"],
-                                        "session_token": keys.get("AWS_SESSION_TOKEN")})
+        fs = pyarrow.fs.S3FileSystem(**{**options, "access_key": key, "secret_key": secret,
+                                        "session_token": os.environ.get("AWS_SESSION_TOKEN") or None})
     return fs, path
-
-
-AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_held: dict[str, str] = {}
-
-
-def aws_keys() -> dict[str, str]:
-    """This process's static AWS keys: its environment's, or those held_aws_keys holds."""
-    return {k: v for k in AWS_KEYS if (v := os.environ.get(k) or _held.get(k))}
-
-
-@contextlib.contextmanager
-def held_aws_keys():
-    """The static AWS keys out of this process's environment meanwhile: for a sweep's driver, since
-    Ray Tune copies them from its environment into its trials' runtime env
-    (ray.tune.execution.class_cache), which Ray's dashboard shows and its runtime env agent logs.
-    fs_and_path still puts them into the filesystems it builds, and this process's AWS SDKs (pyarrow's
-    for Tune's own storage, boto3's for MLflow's artifacts) read them as the default profile of a
-    credentials file held in memory only (memfd), which ends with the process. Where there is no
-    memfd (not Linux), the keys stay."""
-    held = {k: os.environ[k] for k in AWS_KEYS if k in os.environ}
-    if not held or not hasattr(os, "memfd_create"):
-        yield
-        return
-    fd = os.memfd_create("aws-credentials")
-    names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
-             "AWS_SESSION_TOKEN": "aws_session_token", "AWS_SECURITY_TOKEN": "aws_security_token"}
-    os.write(fd, ("[default]\n" + "".join(f"{names[k]} = {v}\n" for k, v in held.items())).encode())
-    profile_vars = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
-    saved = {k: os.environ.pop(k) for k in (*held, *profile_vars) if k in os.environ}
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = f"/proc/{os.getpid()}/fd/{fd}"
-    _held.update(held)
-    try:
-        yield
-    finally:
-        _held.clear()
-        os.environ.pop("AWS_SHARED_CREDENTIALS_FILE", None)
-        os.environ.update(saved)
-        os.close(fd)
 
 
 def storage_error(e: Exception) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -32,8 +33,9 @@ from pipelines.config import Config, ConfigError, candidates, cli_errors, parse_
 from pipelines.console import Console
 from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
+from pipelines.ray_internals import tune_keeps_aws_keys_out_of_runtime_envs
 from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
-from pipelines.shards import fs_and_path, held_aws_keys
+from pipelines.shards import fs_and_path, storage_error, storage_hint
 from pipelines.tracking import (SystemMetricsLog, ensure_experiment, local_tracking_server, log_models, mlflow_client,
                                open_sweep_run, quiet_mlflow, register)
 from pipelines.train import fit
@@ -75,8 +77,11 @@ def sweep_dir(cfg: Config) -> str:
 
 TABLE_COLUMNS = ("val_error", "train_error", "lr", "images_per_s")
 # What a trial's process reads as the sweep's driver does: object storage (pipelines.shards.fs_and_path,
-# MLflow's boto3: endpoint, region, keys, profile) and the tracking server (MLflow's token or password).
+# MLflow's boto3: endpoint, region, keys, profile), the tracking server (MLflow's token or password),
+# and the way out to them (proxies, certificate bundles, a GCS emulator).
 DRIVER_ENV = ("AWS_", "GOOGLE_", "MLFLOW_")
+DRIVER_ENV_NAMES = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                    "CURL_CA_BUNDLE", "CLOUD_STORAGE_EMULATOR_ENDPOINT"}
 
 
 def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None,
@@ -230,6 +235,12 @@ def sweep(cfg: Config):
                           "tune.space.schedule.epochs); lower tune.grace_period or give the trials more epochs")
     search_alg = searcher(cfg)  # a missing Optuna, said before anything starts
     shards_dir(cfg.data)  # the bundled digits written once here, not by parallel trials racing to write them
+    fs, path = fs_and_path(sweep_dir(cfg))
+    try:  # storage that refuses or does not answer: said before Ray starts, after one request's retries
+        fs.get_file_info(path)
+    except OSError as e:
+        raise ConfigError(f"checkpoint.storage_path={cfg.checkpoint.storage_path}: cannot use {sweep_dir(cfg)} "
+                          f"({storage_error(e)}){storage_hint(sweep_dir(cfg))}") from None
     if not cfg.run.verbose:
         quiet_mlflow()
     ray_line = start_ray(cfg)
@@ -247,17 +258,16 @@ def sweep(cfg: Config):
     base = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
     try:
         # the trials' lines (no bars: they would interleave) and their rank 0's system metrics
-        env = {k: v for k, v in os.environ.items() if k.startswith(DRIVER_ENV)}  # before the keys are held
         with (SystemMetricsLog(uri) as system, Console(progress_s=0, handlers={"system": system.log}) as console,
-              held_aws_keys()):
-            return _sweep(base, cfg, uri, limit, search_alg, console.channel(), env)
+              tune_keeps_aws_keys_out_of_runtime_envs()):
+            return _sweep(base, cfg, uri, limit, search_alg, console.channel())
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
 
 
-def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict, env: dict):
+def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console: dict):
     import ray.util
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -270,6 +280,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     # Each trial function on the driver's node, where MLflow is reached (a server there may listen on
     # 127.0.0.1 only, as the local one for parallel trials does); its training workers go anywhere.
     here = f"node:{ray.util.get_node_ip_address()}"
+    env = {k: v for k, v in os.environ.items() if k.startswith(DRIVER_ENV) or k.upper() in DRIVER_ENV_NAMES}
     # The sweep's config beside the trials' configs, not in them: Tune prints a trial's config when
     # it starts, and should print only what the search chose.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"),
@@ -283,8 +294,8 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
         stopping = f"ASHA on val_error (grace {cfg.tune.grace_period}, reduction {cfg.tune.reduction_factor})"
     else:
         scheduler, stopping = FIFOScheduler(), "every trial runs all its epochs"
-    # Tune builds its own filesystem for its state (a storage_filesystem would be pickled, keys and
-    # all, into tuner.pkl): in this process, with the keys held_aws_keys holds
+    # Tune builds its own filesystem for its state: a storage_filesystem would be pickled, keys and
+    # all, into tuner.pkl
     run_config = tune.RunConfig(name="tuner", storage_path=directory)
     t0 = time.time()
     if tune.Tuner.can_restore(f"{directory}/tuner"):
@@ -347,17 +358,17 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
 def train_command(argv: list[str], cfg: Config, values: dict) -> str:
     """pipelines.train's command for a trial's values (its Tune config): the sweep's own command line
     (its config file and overrides: data, scaling, ...) less its tune.* keys, its run.name and the
-    searched keys, then the searched values (a set of keys that go together: one override each)."""
-    def overrides(key, value):
+    keys the values set, then the values (a set of keys that go together: one override each)."""
+    def overrides(key, value) -> dict:
         if isinstance(value, dict):
-            return [o for k, v in value.items() for o in overrides(f"{key}.{k}", v)]
-        return [f"{key}={value}"]
-    keys = varying(cfg)
+            return {o: v for k, sub in value.items() for o, v in overrides(f"{key}.{k}", sub).items()}
+        return {key: value if isinstance(value, str) else json.dumps(value)}  # JSON is YAML: null, true, [3]
+    found = {o: v for k in varying(cfg) for o, v in overrides(k, values[k]).items()}
     kept = [a for a in argv if a.startswith("-") or "=" not in a or not (
-        (key := a.partition("=")[0].strip()).startswith("tune.") or key in keys or key == "run.name")]
+        (key := a.partition("=")[0].strip()).startswith("tune.") or key in found or key == "run.name")]
     if not any(a == "--config" or a.startswith("--config=") for a in kept):
         kept = ["--config", "ray_config.yaml", *kept]
-    return shlex.join(["python", "-m", "pipelines.train", *kept, *(o for k in keys for o in overrides(k, values[k])),
+    return shlex.join(["python", "-m", "pipelines.train", *kept, *(f"{k}={v}" for k, v in found.items()),
                        f"run.name={cfg.tune.name}-best"])
 
 

@@ -21,6 +21,13 @@ def test_the_ray_internals_we_depend_on_are_still_there():
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
     from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY
     assert (RAY_JOB_CONFIG_JSON_ENV_VAR, JOB_ID_METADATA_KEY) == ("RAY_JOB_CONFIG_JSON_ENV_VAR", "job_submission_id")
+    from ray.tune.execution import class_cache
+    from pipelines.ray_internals import AWS_KEYS, tune_keeps_aws_keys_out_of_runtime_envs
+    tune_copies = class_cache.ENV_VARS_TO_PROPAGATE
+    assert AWS_KEYS <= tune_copies  # what Tune would put into its trials' runtime env
+    with tune_keeps_aws_keys_out_of_runtime_envs():
+        assert class_cache.ENV_VARS_TO_PROPAGATE == tune_copies - AWS_KEYS
+    assert class_cache.ENV_VARS_TO_PROPAGATE is tune_copies
 
 
 def test_importing_the_project_patches_nothing():

@@ -211,11 +211,13 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_naming_the_uri(s3, 
 def test_gs_without_credentials_or_network_says_so_within_the_retry_limit_naming_the_uri(monkeypatch):
     """Google's C++ client retries for 15 minutes by default; fs_and_path caps it (GCS_RETRY_S,
     shortened here), so a machine without Google's credentials or network gets its one-line error
-    (this machine has neither: the access token cannot be fetched) instead of a silent wait."""
+    (this machine has neither: the access token cannot be fetched) instead of a silent wait: the
+    training, evaluate's checkpoint, and a sweep before it starts Ray."""
     import threading
     import pipelines.shards
     from pipelines.shards import fs_and_path
     from pipelines.train import preflight
+    from pipelines.tune import sweep
     monkeypatch.setattr(pipelines.shards, "GCS_RETRY_S", 1)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     assert fs_and_path("gs://b/x?retry_limit_seconds=7")[0].__reduce__()[1][0]["retry_time_limit"].seconds == 7
@@ -223,7 +225,8 @@ def test_gs_without_credentials_or_network_says_so_within_the_retry_limit_naming
     errors = []
 
     def attempt():
-        for call in (lambda: preflight(cfg), lambda: find_checkpoint("gs://no-such-bucket/runs/x")):
+        for call in (lambda: preflight(cfg), lambda: find_checkpoint("gs://no-such-bucket/runs/x"),
+                     lambda: sweep(cfg)):  # before Ray starts
             try:
                 call()
             except ConfigError as e:
@@ -234,11 +237,13 @@ def test_gs_without_credentials_or_network_says_so_within_the_retry_limit_naming
     worker.join(timeout=90)
     assert not worker.is_alive(), "still waiting on gs:// after 90 s"
     hint = "check that the bucket exists and the credentials may use it: GOOGLE_APPLICATION_CREDENTIALS"
-    assert len(errors) == 2, errors
+    assert len(errors) == 3, errors
     assert re.match(r"^checkpoint.storage_path=gs://no-such-bucket/runs: cannot write "
                     r"gs://no-such-bucket/runs/x/config.yaml \(.+\); .*" + re.escape(hint), errors[0]), errors[0]
     assert re.match(r"^gs://no-such-bucket/runs/x: (cannot read it \(.+\)|no such directory.*); .*"
                     + re.escape(hint), errors[1]), errors[1]
+    assert re.match(r"^checkpoint.storage_path=gs://no-such-bucket/runs: cannot use gs://no-such-bucket/runs/"
+                    r"depth-sweep \(.+\); .*" + re.escape(hint), errors[2]), errors[2]
     assert all("\n" not in e and "error_info" not in e for e in errors), errors
 
 
@@ -282,21 +287,3 @@ def test_a_sweep_on_a_cluster_without_the_credentials_keeps_its_checkpoints_and_
     touched = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
     assert touched and not [p for p in touched if secret in p.read_bytes()]
 
-
-def test_held_aws_keys_leave_the_environment_and_come_back_while_sdks_still_find_them(monkeypatch):
-    import boto3
-    from pipelines.shards import aws_keys, held_aws_keys
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAHELD")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "held/secret")
-    monkeypatch.setenv("AWS_PROFILE", "someone-else")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
-    with held_aws_keys():
-        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"} & set(os.environ)
-        assert aws_keys() == {"AWS_ACCESS_KEY_ID": "AKIAHELD", "AWS_SECRET_ACCESS_KEY": "held/secret"}
-        credentials = boto3.Session().get_credentials()  # as MLflow's S3 client finds them
-        assert (credentials.access_key, credentials.secret_key) == ("AKIAHELD", "held/secret")
-        where = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
-        assert where.startswith(f"/proc/{os.getpid()}/fd/")  # in memory only: no file left if the driver dies
-    assert (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_PROFILE"]) == ("held/secret", "someone-else")
-    assert "AWS_SHARED_CREDENTIALS_FILE" not in os.environ

@@ -1,5 +1,6 @@
 """The sweep: each trial a distributed training, ASHA, MLflow parent and children, resume."""
 import re
+import shlex
 import signal
 import time
 
@@ -173,14 +174,19 @@ def test_the_command_that_trains_the_best_values_keeps_the_sweeps_config_file_an
     argv = ["--config", str(CONFIG), "data.shards=/data/my shards", "scaling.num_workers=2", "tune.space={}",
             "tune.space.model=[{unit: full_preact}, {unit: original, shortcut_variant: conv1x1}]",
             "tune.space.optim.lr=[0.1, 0.05]", "tune.space.schedule.epochs=[4]", "schedule.milestones=[]",
-            "run.name=mine", "optim.lr=0.3", "--verbose"]
+            "run.name=mine", "optim.lr=0.3", "model.unit=original", "--verbose"]
     cfg = load_config(CONFIG, [a for a in argv[2:] if "=" in a])
     command = train_command(argv, cfg, {"model": {"unit": "original", "shortcut_variant": "conv1x1"},
                                         "optim.lr": 0.05, "schedule.epochs": 4})
-    # the file and its overrides, less tune.*, run.name and a searched key; then the values found
-    # (not schedule.epochs: one value fixes a setting for the sweep only)
+    # the file and its overrides, less tune.*, run.name and the keys the values found set; then
+    # those (not schedule.epochs: one value fixes a setting for the sweep only)
     assert command == (f"python -m pipelines.train --config {CONFIG} 'data.shards=/data/my shards' "
                        "scaling.num_workers=2 'schedule.milestones=[]' --verbose model.unit=original "
                        "model.shortcut_variant=conv1x1 optim.lr=0.05 run.name=depth-sweep-best")
     assert train_command([], load_config(CONFIG, []), {"model.depth": 20, "optim.lr": 0.1}) == \
         "python -m pipelines.train --config ray_config.yaml model.depth=20 optim.lr=0.1 run.name=depth-sweep-best"
+    # values as YAML reads them back: null, not the string "None"
+    cfg = load_config(CONFIG, ["tune.space={}", "tune.space.data.num_classes=[null, 10]"])
+    command = train_command([], cfg, {"data.num_classes": None})
+    assert command.endswith(" data.num_classes=null run.name=depth-sweep-best")
+    assert load_config(CONFIG, shlex.split(command)[5:-1]).data.num_classes is None
