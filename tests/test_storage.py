@@ -286,4 +286,3 @@ def test_a_sweep_on_a_cluster_without_the_credentials_keeps_its_checkpoints_and_
     logs = Path(re.search(r"its own log lines in (\S+)", console).group(1))
     touched = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1]
     assert touched and not [p for p in touched if secret in p.read_bytes()]
-
