@@ -22,6 +22,21 @@ DECODE_CPUS = 1   # kept free for Ray Data's decode tasks, per training job (per
 TRIAL_CPU = 0.01  # a sweep's trial function only waits on its TorchTrainer, which holds the real resources
 # Every process Ray starts for this job runs this first (runtime_env worker_process_setup_hook).
 SETUP_HOOK = "pipelines.ray_internals.setup_process"
+# What a process of Ray's that acts for the driver reads as the driver does: object storage
+# (pipelines.shards.fs_and_path; MLflow's boto3: endpoint, region, keys, profile), the tracking
+# server (MLflow's token or password, Databricks'), and the way out to them (proxies, certificate
+# bundles, a GCS emulator).
+DRIVER_ENV = ("AWS_", "GOOGLE_", "MLFLOW_", "DATABRICKS_")
+DRIVER_ENV_NAMES = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                    "CURL_CA_BUNDLE", "CLOUD_STORAGE_EMULATOR_ENDPOINT"}
+
+
+def driver_settings() -> dict[str, str]:
+    """This process's DRIVER_ENV settings, for the processes of Ray's that act for it (a sweep's
+    trial functions, Ray Train's controller logging epochs to MLflow). Those start with their Ray
+    node's environment, which on a cluster the driver joined is not the driver's. They get these
+    through Ray's object store, never a runtime env, which Ray's dashboard shows and its agent logs."""
+    return {k: v for k, v in os.environ.items() if k.startswith(DRIVER_ENV) or k.upper() in DRIVER_ENV_NAMES}
 
 
 def job_resources(cfg: Config, workers: int | None = None) -> tuple[float, float]:

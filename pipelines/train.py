@@ -40,7 +40,7 @@ from pipelines.feed import epoch_feed
 from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
                               unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
-from pipelines.runtime import check_cluster, start_ray
+from pipelines.runtime import check_cluster, driver_settings, start_ray
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_error, storage_hint
 from pipelines.tracking import (EpochLog, Gauges, SystemMetricsLog, SystemSampler, ensure_experiment, flat_params,
                                 log_lineage, log_models, mlflow_client, open_run, quiet_mlflow, ui_command)
@@ -430,9 +430,10 @@ class LogEpochs(UserCallback):
     epoch is registered. A row MLflow does not take now is logged by fit at the end. Checkpoints
     within an epoch are not logged; a failed worker is said on the console."""
 
-    def __init__(self, uri: str, run_id: str, run_dir, console: dict | None = None):
+    def __init__(self, uri: str, run_id: str, run_dir, console: dict | None = None, settings: dict | None = None):
         self.uri, self.run_id, self.run_dir, self.log = uri, run_id, run_dir, None  # run_dir: fs_and_path's
         self.console, self.last = console, "its latest checkpoint"
+        self.settings = settings or {}  # the driver's (runtime.driver_settings): MLflow's token, proxies
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if checkpoint is None:
@@ -445,7 +446,9 @@ class LogEpochs(UserCallback):
         if row.get("partial"):
             return
         try:
-            self.log = self.log or EpochLog(self.uri, self.run_id)
+            if self.log is None:
+                os.environ.update(self.settings)  # the controller's process has its Ray node's environment
+                self.log = EpochLog(self.uri, self.run_id)
             self.log.log([row])
         except Exception as e:  # a tracking server away for a moment must not stop the training
             logging.getLogger(__name__).warning("MLflow did not take epoch %s (%s); it is logged at the end",
@@ -566,7 +569,8 @@ def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, con
         if console is None:  # this run's own, with its system metrics (a sweep's trials: the sweep's)
             system = stack.enter_context(SystemMetricsLog(info["mlflow_uri"]))
             console = stack.enter_context(Console(cfg.run.progress_s, handlers={"system": system.log})).channel()
-        log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], fs_and_path(cfg.run_dir), console)
+        log_epochs = LogEpochs(info["mlflow_uri"], info["mlflow_run_id"], fs_and_path(cfg.run_dir), console,
+                               driver_settings())
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), **info, "console": console},

@@ -34,7 +34,7 @@ from pipelines.console import Console
 from pipelines.data import shards_dir
 from pipelines.plots import error_vs_depth, trial_curves
 from pipelines.ray_internals import tune_keeps_aws_keys_out_of_runtime_envs
-from pipelines.runtime import TRIAL_CPU, start_ray, trial_resources
+from pipelines.runtime import TRIAL_CPU, driver_settings, start_ray, trial_resources
 from pipelines.shards import fs_and_path, storage_error, storage_hint
 from pipelines.tracking import (SystemMetricsLog, ensure_experiment, local_tracking_server, log_models, mlflow_client,
                                open_sweep_run, quiet_mlflow, register)
@@ -76,22 +76,13 @@ def sweep_dir(cfg: Config) -> str:
 
 
 TABLE_COLUMNS = ("val_error", "train_error", "lr", "images_per_s")
-# What a trial's process reads as the sweep's driver does: object storage (pipelines.shards.fs_and_path,
-# MLflow's boto3: endpoint, region, keys, profile), the tracking server (MLflow's token or password),
-# and the way out to them (proxies, certificate bundles, a GCS emulator).
-DRIVER_ENV = ("AWS_", "GOOGLE_", "MLFLOW_")
-DRIVER_ENV_NAMES = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-                    "CURL_CA_BUNDLE", "CLOUD_STORAGE_EMULATOR_ENDPOINT"}
 
 
 def run_trial(config: dict, base: dict, parent_run_id: str, console: dict | None = None,
               env: dict | None = None) -> None:
     """One Tune trial: one TorchTrainer; its per-epoch reports become the trial's results, and its
     rank 0's lines go to the sweep's console, each with the trial's run name. config holds the
-    searched values alone, base the sweep's config, env the driver's DRIVER_ENV settings: the
-    trial's process is Ray's, started with the environment of the Ray node, which on a cluster the
-    driver joined is not the driver's (it reaches the trial through Ray's object store, never a
-    runtime env, which Ray's dashboard shows)."""
+    searched values alone, base the sweep's config, env the driver's settings (runtime.driver_settings)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -280,7 +271,7 @@ def _sweep(base: Config, cfg: Config, uri: str, limit: int, search_alg, console:
     # Each trial function on the driver's node, where MLflow is reached (a server there may listen on
     # 127.0.0.1 only, as the local one for parallel trials does); its training workers go anywhere.
     here = f"node:{ray.util.get_node_ip_address()}"
-    env = {k: v for k, v in os.environ.items() if k.startswith(DRIVER_ENV) or k.upper() in DRIVER_ENV_NAMES}
+    env = driver_settings()
     # The sweep's config beside the trials' configs, not in them: Tune prints a trial's config when
     # it starts, and should print only what the search chose.
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"),

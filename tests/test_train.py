@@ -494,3 +494,33 @@ def test_the_next_epoch_started_early_is_taken_only_for_the_rows_it_read(tmp_pat
     assert train.Upcoming.start(job) is None  # the last epoch is done: nothing comes next
     assert train.Upcoming.during_validation(small_cfg(tmp_path, "data.decode=gpu"))
     assert not train.Upcoming.during_validation(small_cfg(tmp_path, "data.decode=cpu"))
+
+
+def test_the_epoch_logger_on_rays_controller_uses_the_drivers_mlflow_settings(tmp_path, monkeypatch):
+    """LogEpochs runs in Ray Train's controller, a process with its Ray node's environment: on a
+    cluster the driver joined, without the driver's MLFLOW_TRACKING_TOKEN. It brings the driver's."""
+    import pickle
+    from types import SimpleNamespace
+    import pipelines.train as T
+    from pipelines.runtime import driver_settings
+    from pipelines.shards import fs_and_path
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "from-the-driver")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("RAY_ADDRESS", "not-a-setting-to-hand-over")
+    settings = driver_settings()
+    assert {"MLFLOW_TRACKING_TOKEN", "HTTPS_PROXY"} <= set(settings) and "RAY_ADDRESS" not in settings
+    callback = pickle.loads(pickle.dumps(T.LogEpochs("http://tracking:5000", "run", fs_and_path(str(tmp_path)), None,
+                                                     settings)))  # as Ray hands it to its controller
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")  # the controller's own environment
+    seen = []
+
+    class Log:
+        def __init__(self, uri, run_id):
+            seen.append(os.environ.get("MLFLOW_TRACKING_TOKEN"))
+
+        def log(self, rows):
+            seen.append(rows[0]["epoch"])
+
+    monkeypatch.setattr(T, "EpochLog", Log)
+    callback.after_report(None, [{"epoch": 1, "val_error": 0.5}], SimpleNamespace(path=f"{tmp_path}/checkpoint_x"))
+    assert seen == ["from-the-driver", 1]
