@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipelines.config import Config, OptimSection, ScheduleSection
 
@@ -125,17 +128,73 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
     return logits[0] if parts == 1 else torch.cat(logits), total / valid
 
 
-def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics) -> torch.Tensor:
-    """[top-1 hits, top-5 hits, images] over an iterable of (x, y) device batches, as float64 on the CPU."""
+def validation_counts(model: nn.Module, batches, device: torch.device, numerics: Numerics,
+                      check=contextlib.nullcontext) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, images] over an iterable of (x, y) device batches, as float64 on the
+    CPU. check: the context each batch's work runs in (NoHostSync)."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    hits, images = torch.zeros(2, dtype=torch.float64, device=device), 0
     k = min(5, unwrap(model).fc.out_features)
     with torch.no_grad(), autocast(device, numerics.amp):
         for x, t in batches:
-            top = model(x).topk(k, dim=1).indices
-            sums += torch.stack([(top[:, 0] == t).sum(), (top == t[:, None]).any(dim=1).sum(),
-                                 torch.tensor(len(t), device=device)]).double()
-    return sums.cpu()
+            with check():
+                top = model(x).topk(k, dim=1).indices
+                hits += torch.stack([(top[:, 0] == t).sum(), (top == t[:, None]).any(dim=1).sum()]).double()
+            images += len(t)  # counted here: a count made on the device would be one more copy to it
+    return torch.cat([hits.cpu(), torch.tensor([images], dtype=torch.float64)])
+
+
+class HostSync(RuntimeError):
+    pass
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises HostSync at an op that makes the host wait for the device: a value read back (.item(),
+    bool(), float() of a tensor), an op whose output's size depends on the values (nonzero, a boolean
+    mask, masked_select, unique), a copy to the host, or a copy to the device that is not
+    non_blocking from pinned memory. One of these in a step stops the CPU from queueing the next
+    steps (and its input) while the GPU works. The training loop runs each step and validation
+    batch in it with RAY_RESNET_CHECK_SYNCS=1 in the driver's environment (docs/gpu.md). On a CPU it
+    finds the same ops but the copies (there is one device). torch.compile does not compile under
+    a dispatch mode: the model then runs eagerly."""
+
+    READS = {"aten._local_scalar_dense.default": ".item(), bool(), int() or float() of a tensor",
+             "aten.is_nonzero.default": "bool() of a tensor", "aten.equal.default": "torch.equal",
+             "aten.nonzero.default": "nonzero", "aten.masked_select.default": "masked_select",
+             "aten._unique2.default": "unique", "aten.unique_dim.default": "unique",
+             "aten.unique_consecutive.default": "unique_consecutive"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        what = self.READS.get(name)
+        if name == "aten.index.Tensor" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            what = "indexing with a boolean mask"
+        elif name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None:
+            what = "repeat_interleave without output_size"
+        elif name == "aten.lift_fresh.default" and args[0].device.type != "cpu":
+            what = "torch.tensor(...) made on the device (a blocking copy)"
+        elif name in ("aten._to_copy.default", "aten.copy_.default"):
+            src = args[1] if name == "aten.copy_.default" else args[0]
+            to = args[0].device if name == "aten.copy_.default" else torch.device(kwargs.get("device") or src.device)
+            blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+            if src.device.type != to.type and (to.type == "cpu" or blocking or not src.is_pinned()):
+                what = f"a copy from {src.device.type} to {to.type}" + (" that blocks" if to.type != "cpu" else "")
+        if what:
+            raise HostSync(f"{what} ({name}) makes the host wait for the device, at {self.caller()}; keep "
+                           "the value on the device until the epoch's end")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def caller() -> str:
+        """The innermost line of this project's code that asked for the op."""
+        root = Path(__file__).resolve().parents[1]
+        for frame in reversed(traceback.extract_stack()):
+            path = Path(frame.filename).resolve()
+            if (path.is_relative_to(root) and ".venv" not in path.parts
+                    and frame.name not in ("caller", "__torch_dispatch__")):
+                return f"{path.relative_to(root)}:{frame.lineno} ({frame.line})"
+        return "a line outside this project"
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -37,8 +37,8 @@ from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
-from pipelines.recipe import (Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics, train_step,
-                              unwrap, validation_counts)
+from pipelines.recipe import (NoHostSync, Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics,
+                              train_step, unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, driver_settings, start_ray
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_error, storage_hint
@@ -72,6 +72,7 @@ class Job:
     partial: dict | None = None  # the next epoch, when a checkpoint within it was resumed (train_epoch)
     preemption: tuple | None = None  # the preemption notice already checkpointed for
     upcoming: "Upcoming | None" = None  # the next epoch's batches, started before this one's checkpoint
+    check: type = contextlib.nullcontext  # what each step runs in: NoHostSync with RAY_RESNET_CHECK_SYNCS=1
 
     @property
     def net(self) -> nn.Module:
@@ -102,9 +103,10 @@ def build(cfg: Config, info: dict) -> Job:
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
-    return Job(cfg, info, rank, world, device, num, model, torch.compile(model, mode=num.compile) if num.compile else model,
-               opt, torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16),
-               Schedule(opt, cfg, steps_per_epoch))
+    forward = torch.compile(model, mode=num.compile) if num.compile else model
+    return Job(cfg, info, rank, world, device, num, model, forward, opt,
+               torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16), Schedule(opt, cfg, steps_per_epoch),
+               check=NoHostSync if info.get("check_syncs") else contextlib.nullcontext)
 
 
 def restore(job: Job, ckpt) -> None:
@@ -253,17 +255,18 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             if b is None:  # each worker was given rows for exactly its steps
                 raise RuntimeError(f"rank {job.rank}: its planned rows ended at step {s} of {ep.steps} of epoch "
                                    f"{ep.epoch}")
-            skipped += b.skipped
-            ep.done[b.idx] = True
-            audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])
-            job.schedule.set(job.step)
-            logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share,
-                                      cfg.scaling.max_worker_batch, getattr(job.model, "no_sync", None))
-            job.step += 1
-            ok = b.y >= 0  # all but a batch's one kept placeholder
-            n = ok.sum()
-            sums += torch.stack([loss.float() * n, ((logits.argmax(1) != b.y) & ok).sum(), n]).double()
-            say.step((s - ep.start) * cfg.data.batch_size, waited)
+            with job.check():  # nothing in a step waits for the device (NoHostSync)
+                skipped += b.skipped
+                ep.done[b.idx] = True
+                audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])
+                job.schedule.set(job.step)
+                logits, loss = train_step(job.forward, job.opt, job.scaler, b.x, b.y, cfg, job.numerics.amp, share,
+                                          cfg.scaling.max_worker_batch, getattr(job.model, "no_sync", None))
+                job.step += 1
+                ok = b.y >= 0  # all but a batch's one kept placeholder
+                n = ok.sum()
+                sums += torch.stack([loss.float() * n, ((logits.argmax(1) != b.y) & ok).sum(), n]).double()
+                say.step((s - ep.start) * cfg.data.batch_size, waited)
             if ep.due(job, s, say):
                 totals = epoch_totals(job, ep, sums, skipped, time.perf_counter() - t0, waited)
                 job.partial = {"steps": s, "done": torch.from_numpy(plan.pack(ep.done)), "sums": totals,
@@ -343,7 +346,7 @@ def validate(job: Job) -> dict:
             if len(b.y):
                 yield b.x, b.y
 
-    counts = validation_counts(job.net, batches(), job.device, job.numerics)
+    counts = validation_counts(job.net, batches(), job.device, job.numerics, check=job.check)
     top1, top5, seen, skipped = all_reduce(torch.cat([counts, torch.tensor([skipped], dtype=torch.float64)])).tolist()
     return {"val_error": 1 - top1 / max(seen, 1), "val_top5_error": 1 - top5 / max(seen, 1),
             "val_skipped": int(skipped), "val_dropped": job.info["val_rows"] - int(seen) - int(skipped)}
@@ -540,6 +543,7 @@ def preflight(cfg: Config) -> dict:
             "manifest": manifest, "units": plan.read_units(shards["train"]),
             "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],
             "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
+            "check_syncs": os.environ.get("RAY_RESNET_CHECK_SYNCS", "") not in ("", "0"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "
                            f"{cfg.schedule.epochs} epochs, {workers} workers ({device})"}

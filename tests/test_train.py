@@ -38,7 +38,9 @@ def epochs_logged(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_error"))
 
 
-def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session):
+def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session, monkeypatch):
+    # and no step or validation batch of either start, DDP's included, makes the host wait for the device
+    monkeypatch.setenv("RAY_RESNET_CHECK_SYNCS", "1")
     cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1", "mlflow.system_metrics_s=1")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     first = load_state(fit(cfg).checkpoint)
@@ -204,6 +206,37 @@ def test_bf16_channels_last_and_compile_train_as_fp32_does(tmp_path, amp, channe
     assert ref_losses[-1] < ref_losses[0]
     for k in ref:
         torch.testing.assert_close(state[k].float(), ref[k].float(), rtol=tol, atol=tol, msg=k)
+
+
+def test_a_step_and_a_validation_batch_never_make_the_host_wait_for_the_device(tmp_path):
+    """NoHostSync (RAY_RESNET_CHECK_SYNCS=1; the resume test runs whole epochs under it) lets a step
+    with micro-batches and bf16, the epoch's sums and validation through, and stops at each way of
+    reading a value back, naming the line that asked for it."""
+    from pipelines.recipe import HostSync, NoHostSync, Numerics, validation_counts
+    cfg = small_cfg(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    y[3] = -1  # an undecodable image's placeholder
+    model = build_model("cifar_resnet8", num_classes=10)
+    opt = make_optimizer(model, cfg.optim, global_batch=32)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for amp, micro in ((None, None), (torch.bfloat16, 12)):
+        with NoHostSync():
+            logits, loss = train_step(model, opt, scaler, x, y, cfg, amp, share=32, micro=micro)
+            ok = y >= 0
+            n = ok.sum()
+            sums += torch.stack([loss.float() * n, ((logits.argmax(1) != y) & ok).sum(), n]).double()
+    assert sums[2] == 62 and torch.isfinite(sums).all()
+    counts = validation_counts(model, [(x[:20], y[:20]), (x[20:], y[20:])], torch.device("cpu"), Numerics(None, False),
+                               check=NoHostSync)
+    assert counts[2] == 32 and 0 <= counts[0] <= counts[1] <= 32
+
+    for read in (lambda: loss.item(), lambda: float(loss), lambda: bool(n > 3), lambda: logits[ok],
+                 lambda: ok.nonzero(), lambda: y.unique()):
+        with pytest.raises(HostSync, match=r"makes the host wait for the device, at tests/test_train.py:\d+ "):
+            with NoHostSync():
+                read()
 
 
 def ray_pids(name: bytes) -> list[int]:
