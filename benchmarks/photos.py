@@ -1,7 +1,9 @@
 """ImageNet-like JPEGs for the benchmarks: real photographs, not noise.
 
 scikit-learn ships two 427x640 photos; random windows of them, flipped and rescaled to ImageNet's
-typical 500x375 (or 375x500), saved at JPEG quality 90, in root/class{0..3}/.
+typical 500x375 (or 375x500), saved at JPEG quality 90, in root/class{0..3}/. varied: half of them
+keep that size, the others get a short side of 300 to 450 pixels, so that a batch holds many sizes,
+as an ImageNet batch does (the GPU path resamples each size with a call of its own).
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 
-def make_photos(root: Path, n: int, seed: int = 0) -> int:
+def make_photos(root: Path, n: int, seed: int = 0, varied: bool = False) -> int:
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     total = 0
     for i in range(n):
         src = photos[i % len(photos)]
-        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        short = int(rng.integers(300, 451)) if varied and rng.random() < 0.5 else 375
+        w, h = (500, short) if rng.random() < 0.75 else (short, 500)
         scale = rng.uniform(0.6, 1.0)  # a random window of the photo, resized to w x h
         cw, ch = int(src.width * scale), int(src.height * scale)
         if ch / cw > h / w:

@@ -65,4 +65,9 @@ def decode_image(data: bytes) -> torch.Tensor:
 def decode_jpegs(batch: list[bytes], device: torch.device) -> list[torch.Tensor]:
     """A batch of JPEGs -> a list of uint8 RGB tensors, 3 x H x W, decoded on device in one call:
     on a GPU nvJPEG decodes the whole batch at once. Raises if any of them cannot be decoded."""
+    if device.type == "cuda":
+        # The decoder allocates its outputs on this thread's stream but writes them on a stream of
+        # its own that does not wait for this one (torchvision's decode_jpegs_cuda.cpp): memory that
+        # this stream's queued kernels still read could be overwritten. Let them finish first.
+        torch.cuda.current_stream(device).synchronize()
     return _decode_jpeg(list(batch), mode="RGB", device=device)

@@ -6,7 +6,8 @@
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
 GPU, or the decode and augmentation on the GPU) on a CUDA stream of its own, while the training
 step runs on the default stream. The training stream waits on an event recorded after each
-batch, not the host: nothing here makes the CPU wait for the GPU. On a CPU the thread still
+batch, not the host: nothing here makes the training thread wait for the GPU (the feed's thread
+waits for its own stream before each nvJPEG decode: pipelines.codecs.decode_jpegs). On a CPU the thread still
 overlaps the next batch's host work (Ray Data, decoding) with the step's.
 """
 from __future__ import annotations
@@ -49,6 +50,18 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
     return (out for batch in batches if (out := prepare(batch)) is not None)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream every feed on this GPU prepares on. PyTorch's caching allocator reuses a freed
+    block only for the stream it was allocated on: a new stream for each epoch's feed would cache
+    another copy of the feed's working memory (decoded photos and their float copies) each time."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class Prefetch:
     """device_batches' iterator with a thread that prepares ahead on a CUDA stream of its own.
     close() stops the thread (train_epoch's finally, or an epoch started early and not used)."""
@@ -58,7 +71,7 @@ class Prefetch:
         if self.cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.prepare = device, prepare
-        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.side = side_stream(device) if self.cuda else None
         self.ready: queue.Queue = queue.Queue(maxsize=ahead)
         self.stop = threading.Event()
         self.ended = False

@@ -119,26 +119,34 @@ def draw_boxes(data: DataSection, train: bool, hw: np.ndarray, rng: np.random.Ge
 
 def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int) -> torch.Tensor:
     """uint8 3 x H x W images (any sizes) and their boxes -> float N x 3 x size x size in 0..255:
-    one roi_align per distinct image size (a batch of resized photos has one or two)."""
+    one roi_align per distinct image size, the boxes of all of them copied to the device at once."""
     device = images[0].device
     out = torch.empty(len(images), 3, size, size, device=device)
     groups = defaultdict(list)
     for i, image in enumerate(images):
         groups[tuple(image.shape[1:])].append(i)
-    for (h, w), idx in groups.items():
+    order = np.concatenate([np.asarray(idx) for idx in groups.values()])
+    rois = np.zeros((len(images), 5))  # per group: (index in the group, x1, y1, x2, y2)
+    starts, pads = np.cumsum([0] + [len(idx) for idx in groups.values()]), []
+    for start, ((h, w), idx) in zip(starts, groups.items()):
         b = boxes[idx]
         # Zero padding for boxes that reach outside (CIFAR): roi_align would repeat the edge instead.
         pad = int(np.ceil(max(0.0, -b[:, 0].min(), -b[:, 1].min(), (b[:, 0] + b[:, 2]).max() - h,
                               (b[:, 1] + b[:, 3]).max() - w)))
+        top, left = b[:, 0] + pad, b[:, 1] + pad
+        rois[start:start + len(idx)] = np.stack([np.arange(len(idx)), left, top, left + b[:, 3], top + b[:, 2]], 1)
+        pads.append(pad)
+    rois = torch.as_tensor(rois, dtype=torch.float32).to(device, non_blocking=True)
+    order_d = torch.as_tensor(order).to(device, non_blocking=True)
+    for start, pad, idx in zip(starts, pads, groups.values()):
         group = torch.stack([images[i] for i in idx]).float()
         if pad:
             group = F.pad(group, (pad, pad, pad, pad))
-        top, left = b[:, 0] + pad, b[:, 1] + pad
-        rois = np.stack([np.arange(len(idx)), left, top, left + b[:, 3], top + b[:, 2]], 1)
-        rois = torch.as_tensor(rois, dtype=torch.float32).to(device, non_blocking=True)
+        end = start + len(idx)
         # aligned: pixel centres at +0.5, so a box of the output's size samples exact pixels
-        resampled = roi_align(group, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        out[torch.as_tensor(idx).to(device, non_blocking=True)] = resampled
+        resampled = roi_align(group, rois[start:end], output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                              aligned=True)
+        out.index_copy_(0, order_d[start:end], resampled)
     return out
 
 

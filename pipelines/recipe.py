@@ -91,6 +91,16 @@ def numerics(cfg: Config, device: torch.device) -> Numerics:
     return Numerics(amp, {"auto": gpu, "on": True, "off": False}[sc.channels_last], compile)
 
 
+def step_forward(model: nn.Module, num: Numerics, device: torch.device) -> nn.Module:
+    """What the training step calls: the model, or its torch.compile in num's mode. dynamic=False: a
+    batch of another size (rows skipped, micro-batches of two sizes) compiles one more static graph
+    rather than turning every later step into a slower dynamic-shape one. On GPUs cuDNN times its
+    convolution algorithms once per shape and keeps the fastest (the step's shapes are fixed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return torch.compile(model, mode=num.compile, dynamic=False) if num.compile else model
+
+
 def autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
@@ -121,7 +131,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
                 loss = F.cross_entropy(out, ys, ignore_index=-1, reduction="sum",
                                        label_smoothing=cfg.optim.label_smoothing)
             scaler.scale(loss / divisor).backward()
-        logits.append(out.detach())
+        # a copy when there are several: with CUDA graphs (compile mode reduce-overhead) the next
+        # replay overwrites the previous one's outputs
+        logits.append(out.detach() if parts == 1 else out.detach().clone())
         total = total + loss.detach()
     scaler.step(opt)
     scaler.update()

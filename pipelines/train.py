@@ -38,7 +38,7 @@ from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
 from pipelines.recipe import (NoHostSync, Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics,
-                              train_step, unwrap, validation_counts)
+                              step_forward, train_step, unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, driver_settings, start_ray
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_error, storage_hint
@@ -103,8 +103,7 @@ def build(cfg: Config, info: dict) -> Job:
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
-    forward = torch.compile(model, mode=num.compile) if num.compile else model
-    return Job(cfg, info, rank, world, device, num, model, forward, opt,
+    return Job(cfg, info, rank, world, device, num, model, step_forward(model, num, device), opt,
                torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16), Schedule(opt, cfg, steps_per_epoch),
                check=NoHostSync if info.get("check_syncs") else contextlib.nullcontext)
 
@@ -255,7 +254,9 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
             if b is None:  # each worker was given rows for exactly its steps
                 raise RuntimeError(f"rank {job.rank}: its planned rows ended at step {s} of {ep.steps} of epoch "
                                    f"{ep.epoch}")
-            with job.check():  # nothing in a step waits for the device (NoHostSync)
+            # Nothing in a step waits for the device (NoHostSync), from the third step: DDP rebuilds its
+            # gradient buckets at the second, with copies between host and device.
+            with job.check() if s - ep.start > 2 else contextlib.nullcontext():
                 skipped += b.skipped
                 ep.done[b.idx] = True
                 audit.step(ep.epoch, s, b.idx, job.opt.param_groups[0]["lr"])

@@ -16,7 +16,7 @@ import yaml
 from pipelines.config import Config, ConfigError, ScheduleSection, load_config
 from pipelines.checkpoint import load_state
 from pipelines.plan import rank_batches
-from pipelines.recipe import lr_factor, make_optimizer, train_step, unwrap
+from pipelines.recipe import Numerics, lr_factor, make_optimizer, step_forward, train_step, unwrap
 from pipelines.train import fit
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
@@ -195,7 +195,7 @@ def test_bf16_channels_last_and_compile_train_as_fp32_does(tmp_path, amp, channe
             model, xx = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         opt = make_optimizer(model, cfg.optim, global_batch=32)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        forward = torch.compile(model) if compile else model
+        forward = step_forward(model, Numerics(amp, channels_last, "default" if compile else None), torch.device("cpu"))
         steps = [train_step(forward, opt, scaler, xx, y, cfg, amp) for _ in range(3)]
         assert steps[0][0].dtype == (amp or torch.float32)  # autocast did run in that precision
         return [loss.item() for _, loss in steps], model.state_dict()
@@ -212,7 +212,7 @@ def test_a_step_and_a_validation_batch_never_make_the_host_wait_for_the_device(t
     """NoHostSync (RAY_RESNET_CHECK_SYNCS=1; the resume test runs whole epochs under it) lets a step
     with micro-batches and bf16, the epoch's sums and validation through, and stops at each way of
     reading a value back, naming the line that asked for it."""
-    from pipelines.recipe import HostSync, NoHostSync, Numerics, validation_counts
+    from pipelines.recipe import HostSync, NoHostSync, validation_counts
     cfg = small_cfg(tmp_path)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
