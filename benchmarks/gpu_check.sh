@@ -18,6 +18,8 @@ cd "$ROOT"
 # Ray's worker processes import pipelines too (the setup hook, the decode tasks): from this checkout
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# Ray's object store lives in /dev/shm when it has room, else in /tmp: said here, for reading the figures
+df -h /dev/shm 2>/dev/null | tail -n 1 | awk '{print "/dev/shm: " $2 " (" $4 " free)"}'
 log=/dev/null
 [ -n "${OUT:-}" ] && log=$OUT/gpu_throughput.txt
 timeout "${LIMIT_S:-450}" "$PYTHON" benchmarks/gpu_throughput.py "$@" 2>&1 | tee "$log"
