@@ -13,6 +13,7 @@ ship with every torch, take over. Both return the same pixels for a JPEG (libjpe
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import torch
@@ -65,9 +66,28 @@ def decode_image(data: bytes) -> torch.Tensor:
 def decode_jpegs(batch: list[bytes], device: torch.device) -> list[torch.Tensor]:
     """A batch of JPEGs -> a list of uint8 RGB tensors, 3 x H x W, decoded on device in one call:
     on a GPU nvJPEG decodes the whole batch at once. Raises if any of them cannot be decoded."""
-    if device.type == "cuda":
-        # The decoder allocates its outputs on this thread's stream but writes them on a stream of
-        # its own that does not wait for this one (torchvision's decode_jpegs_cuda.cpp): memory that
-        # this stream's queued kernels still read could be overwritten. Let them finish first.
-        torch.cuda.current_stream(device).synchronize()
-    return _decode_jpeg(list(batch), mode="RGB", device=device)
+    if device.type != "cuda":
+        return _decode_jpeg(list(batch), mode="RGB", device=device)
+    # nvJPEG writes its outputs on a stream of its own, which does not wait for the caller's stream,
+    # into memory allocated on the caller's stream (torchvision's decode_jpegs_cuda.cpp): memory
+    # that kernels queued there still read could be overwritten. So the outputs are allocated on a
+    # stream that runs no kernel; the caller's stream waits for the decode, and the allocator reuses
+    # their memory only once the caller's stream is done with them. No thread waits for the GPU.
+    user, alloc = torch.cuda.current_stream(device), _allocation_stream(device)
+    with torch.cuda.stream(alloc):
+        images = _decode_jpeg(list(batch), mode="RGB", device=device)
+    user.wait_stream(alloc)
+    for image in images:
+        image.record_stream(user)
+    return images
+
+
+_ALLOCATION_STREAMS: dict = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def _allocation_stream(device: torch.device) -> torch.cuda.Stream:
+    with _STREAMS_LOCK:
+        if device not in _ALLOCATION_STREAMS:
+            _ALLOCATION_STREAMS[device] = torch.cuda.Stream(device)
+        return _ALLOCATION_STREAMS[device]

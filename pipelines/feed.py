@@ -6,8 +6,7 @@
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
 GPU, or the decode and augmentation on the GPU) on a CUDA stream of its own, while the training
 step runs on the default stream. The training stream waits on an event recorded after each
-batch, not the host: nothing here makes the training thread wait for the GPU (the feed's thread
-waits for its own stream before each nvJPEG decode: pipelines.codecs.decode_jpegs). On a CPU the thread still
+batch, not the host: nothing here makes a thread wait for the GPU. On a CPU the thread still
 overlaps the next batch's host work (Ray Data, decoding) with the step's.
 """
 from __future__ import annotations
@@ -51,15 +50,17 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_SIDE_LOCK = threading.Lock()
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The one stream every feed on this GPU prepares on. PyTorch's caching allocator reuses a freed
-    block only for the stream it was allocated on: a new stream for each epoch's feed would cache
-    another copy of the feed's working memory (decoded photos and their float copies) each time."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    block only for the stream it was allocated on: a stream for each epoch's feed (drawn in turn
+    from PyTorch's pool of 32) would cache a copy of the feed's working memory for each."""
+    with _SIDE_LOCK:
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        return _SIDE_STREAMS[device]
 
 
 class Prefetch:

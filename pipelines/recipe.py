@@ -93,9 +93,10 @@ def numerics(cfg: Config, device: torch.device) -> Numerics:
 
 def step_forward(model: nn.Module, num: Numerics, device: torch.device) -> nn.Module:
     """What the training step calls: the model, or its torch.compile in num's mode. dynamic=False: a
-    batch of another size (rows skipped, micro-batches of two sizes) compiles one more static graph
-    rather than turning every later step into a slower dynamic-shape one. On GPUs cuDNN times its
-    convolution algorithms once per shape and keeps the fastest (the step's shapes are fixed)."""
+    batch of another size (micro-batches of two sizes; rows skipped, rare since the shard writer
+    decodes every image) compiles a graph of its own, rather than one for any batch size that every
+    later step would run. On GPUs cuDNN times its convolution algorithms once per shape and keeps
+    the fastest (the step's shapes are fixed)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.compile(model, mode=num.compile, dynamic=False) if num.compile else model
@@ -162,26 +163,30 @@ class HostSync(RuntimeError):
 
 class NoHostSync(TorchDispatchMode):
     """Raises HostSync at an op that makes the host wait for the device: a value read back (.item(),
-    bool(), float() of a tensor), an op whose output's size depends on the values (nonzero, a boolean
-    mask, masked_select, unique), a copy to the host, or a copy to the device that is not
-    non_blocking from pinned memory. One of these in a step stops the CPU from queueing the next
-    steps (and its input) while the GPU works. The training loop runs each step and validation
-    batch in it with RAY_RESNET_CHECK_SYNCS=1 in the driver's environment (docs/gpu.md). On a CPU it
-    finds the same ops but the copies (there is one device). torch.compile does not compile under
-    a dispatch mode: the model then runs eagerly."""
+    bool(), float() of a tensor, torch.equal, allclose), an op whose output's size depends on the
+    values (nonzero, reading or writing through a boolean mask, masked_select, unique, bincount), a
+    copy to the host, or a copy to the device that is not non_blocking from pinned memory. One of
+    these in a step stops the CPU from queueing the next steps (and its input) while the GPU works.
+    The training loop runs each step and validation batch in it with RAY_RESNET_CHECK_SYNCS=1 in
+    the driver's environment (docs/gpu.md). On a CPU it finds the same ops but the copies (there
+    is one device). Not seen: waits that are not ops (a stream's or event's synchronize).
+    torch.compile does not compile under a dispatch mode: the model then runs eagerly."""
 
     READS = {"aten._local_scalar_dense.default": ".item(), bool(), int() or float() of a tensor",
              "aten.is_nonzero.default": "bool() of a tensor", "aten.equal.default": "torch.equal",
-             "aten.nonzero.default": "nonzero", "aten.masked_select.default": "masked_select",
+             "aten.allclose.default": "torch.allclose", "aten.nonzero.default": "nonzero",
+             "aten.masked_select.default": "masked_select", "aten._unique.default": "unique",
              "aten._unique2.default": "unique", "aten.unique_dim.default": "unique",
-             "aten.unique_consecutive.default": "unique_consecutive"}
+             "aten.unique_consecutive.default": "unique_consecutive", "aten.bincount.default": "bincount"}
+    MASKED = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+              "aten._index_put_impl_.default")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
         what = self.READS.get(name)
-        if name == "aten.index.Tensor" and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            what = "indexing with a boolean mask"
+        if name in self.MASKED and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            what = "a boolean mask as an index"
         elif name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None:
             what = "repeat_interleave without output_size"
         elif name == "aten.lift_fresh.default" and args[0].device.type != "cpu":
@@ -203,7 +208,7 @@ class NoHostSync(TorchDispatchMode):
         root = Path(__file__).resolve().parents[1]
         for frame in reversed(traceback.extract_stack()):
             path = Path(frame.filename).resolve()
-            if (path.is_relative_to(root) and ".venv" not in path.parts
+            if (not frame.filename.startswith("<") and path.is_relative_to(root) and ".venv" not in path.parts
                     and frame.name not in ("caller", "__torch_dispatch__")):
                 return f"{path.relative_to(root)}:{frame.lineno} ({frame.line})"
         return "a line outside this project"

@@ -105,7 +105,8 @@ def build(cfg: Config, info: dict) -> Job:
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
     return Job(cfg, info, rank, world, device, num, model, step_forward(model, num, device), opt,
                torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16), Schedule(opt, cfg, steps_per_epoch),
-               check=NoHostSync if info.get("check_syncs") else contextlib.nullcontext)
+               # not with fp16: its GradScaler reads back whether the gradients overflowed, each step
+               check=NoHostSync if info.get("check_syncs") and num.amp != torch.float16 else contextlib.nullcontext)
 
 
 def restore(job: Job, ckpt) -> None:
@@ -386,6 +387,8 @@ def train_loop(config: dict) -> None:
     workers_now = f"{job.world} worker{'s' if job.world > 1 else ''}"
     say.line(f"{cfg.run.name}: {cfg.model.name}: {workers_now} on {nodes} node(s), {job.device.type}"
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
+             + (", host syncs checked" + (" (so it runs eagerly)" if job.numerics.compile else "")
+                if job.check is NoHostSync else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch or job.partial else ""))

@@ -38,12 +38,13 @@ def epochs_logged(client, run_id) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_error"))
 
 
-def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session, monkeypatch):
+def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path, ray_session, monkeypatch, capsys):
     # and no step or validation batch of either start, DDP's included, makes the host wait for the device
     monkeypatch.setenv("RAY_RESNET_CHECK_SYNCS", "1")
     cfg = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=1", "mlflow.system_metrics_s=1")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     first = load_state(fit(cfg).checkpoint)
+    assert "2 workers on 1 node(s), cpu, host syncs checked; " in capsys.readouterr().out
     assert os.environ.get("MLFLOW_TRACKING_URI") == before  # logging the models leaves no trace behind
     assert first["epoch"] == 1 and len(first["history"]) == 1
     row = first["history"][0]
@@ -232,8 +233,11 @@ def test_a_step_and_a_validation_batch_never_make_the_host_wait_for_the_device(t
                                check=NoHostSync)
     assert counts[2] == 32 and 0 <= counts[0] <= counts[1] <= 32
 
-    for read in (lambda: loss.item(), lambda: float(loss), lambda: bool(n > 3), lambda: logits[ok],
-                 lambda: ok.nonzero(), lambda: y.unique()):
+    def masked_write():
+        logits[~ok] = 0
+
+    for read in (lambda: loss.item(), lambda: float(loss), lambda: bool(n > 3), lambda: logits[ok], masked_write,
+                 lambda: ok.nonzero(), lambda: y.unique(), lambda: torch.allclose(loss, loss)):
         with pytest.raises(HostSync, match=r"makes the host wait for the device, at tests/test_train.py:\d+ "):
             with NoHostSync():
                 read()
