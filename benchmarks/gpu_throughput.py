@@ -12,6 +12,8 @@ Rows, all on the same JPEG shards in one run:
 4. end to end through the product: `python -m pipelines.train` with an ImageNet-style config
    (ResNet-50, 224, RandomResizedCrop + flip, one GPU worker, Ray Data ingest, MLflow on, its
    defaults for GPUs), images/s read from its own epoch table, the last epoch after warm-up ones;
+   4b. one epoch of the same with RAY_RESNET_CHECK_SYNCS=1: the first op of a step or validation
+   batch that makes the host wait for the GPU (pipelines.recipe.NoHostSync), or none;
 5. CIFAR ResNet-20 and ResNet-56 at 32x32: images/s and seconds per 50,000-image epoch;
 6. the ceiling with CUDA graphs (compile mode reduce-overhead): one more compile of ResNet-50, last
    so that a run stopped by its time limit has every row before it.
@@ -161,35 +163,54 @@ def decode_alone(shards: Path, a, device, row) -> None:
                                               device, a.batch, a.steps, a.warmup), training=False)
 
 
-def product_rate(shards: Path, a, home: Path, device) -> tuple[float, str]:
-    """python -m pipelines.train on the shards; (images/s of its last epoch, its table)."""
+def run_product(shards: Path, a, home: Path, device, epochs: int, name: str, env: dict | None = None,
+                overrides: tuple = ()) -> tuple[int, list[str], str]:
+    """python -m pipelines.train on the shards, its console shown as it comes (a run stopped by a
+    time limit still shows how far it got): (exit code, its console's lines, the end of its log)."""
     gpu = device.type == "cuda"
-    overrides = [
+    args = [
         *input_overrides(shards, a), "data.decode=auto", "model.family=imagenet", f"model.depth={a.depth}",
-        "optim.lr_batch=256", f"schedule.epochs={a.epochs}", "schedule.milestones=[]",
+        "optim.lr_batch=256", f"schedule.epochs={epochs}", "schedule.milestones=[]",
         f"scaling.gpus_per_worker={1 if gpu else 0}", f"scaling.cpus_per_worker={a.train_cpus}",
         f"scaling.compile={'off' if a.no_compile else 'auto'}",
-        "tune.space={}", "run.name=gpu-throughput", "run.progress_s=0", f"checkpoint.storage_path={home / 'runs'}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    # its console as it comes (a run stopped by a time limit still shows how far it got); its log
-    # lines (warnings, Ray's) only if it fails
+        "tune.space={}", f"run.name={name}", "run.progress_s=0", f"checkpoint.storage_path={home / 'runs'}",
+        *overrides]
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "ray_config.yaml"),
-                                 *overrides], cwd=ROOT, env={**env, "RAY_RESNET_HOME": str(home)},
+                                 *args], cwd=ROOT, env={**base, "RAY_RESNET_HOME": str(home), **(env or {})},
                                 stdout=subprocess.PIPE, stderr=err, text=True)
         lines = []
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             print("   " + lines[-1], flush=True)
-        if proc.wait() != 0:
-            err.seek(0)
-            raise SystemExit(f"pipelines.train failed (exit {proc.returncode}):\n{err.read()[-4000:]}")
+        proc.wait()
+        err.seek(0)
+        return proc.returncode, lines, err.read()[-4000:]
+
+
+def product_rate(shards: Path, a, home: Path, device) -> float:
+    """The product's images/s: the last of its a.epochs epochs, from its own epoch table."""
+    code, lines, log = run_product(shards, a, home, device, a.epochs, "gpu-throughput")
+    if code != 0:
+        raise SystemExit(f"pipelines.train failed (exit {code}):\n{log}")
     column = [key for key, *_ in TABLE].index("images_per_s")
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()
             and len(line.split()) >= len(TABLE)]
     if len(rows) != a.epochs:
         raise SystemExit(f"pipelines.train printed {len(rows)} epoch rows, expected {a.epochs}")
     return float(rows[-1][column])
+
+
+def host_syncs(shards: Path, a, home: Path, device) -> str:
+    """An epoch of the product with RAY_RESNET_CHECK_SYNCS=1 (pipelines.recipe.NoHostSync, eager):
+    'none', or the first op it stopped at."""
+    code, lines, log = run_product(shards, a, home, device, 1, "gpu-host-syncs", {"RAY_RESNET_CHECK_SYNCS": "1"},
+                                   ("run.max_failures=0",))
+    if code == 0:
+        return "none in its steps and validation"
+    found = [line for line in lines + log.splitlines() if "HostSync" in line]
+    return found[0].strip() if found else f"pipelines.train failed (exit {code}):\n{log}"
 
 
 def main() -> None:
@@ -306,6 +327,8 @@ def main() -> None:
         print(f"\n4. end to end through the product: python -m pipelines.train, {a.epochs} epochs")
         product = row(f"pipelines.train, epoch {a.epochs}", product_rate(shards, a, tmp / "home", device))
         print(f"ratio: {product / best_rate:.2f}   (against the ceiling of 1)", flush=True)
+        print("\n4b. the same for one epoch with RAY_RESNET_CHECK_SYNCS=1 (eager): does a step wait for the GPU?")
+        print(f"host syncs: {host_syncs(shards, a, tmp / 'home', device)}", flush=True)
 
     print("\n5. CIFAR ResNets at 32x32, batch 128, bf16 + channels_last" + ("" if a.no_compile else " + compile"))
     for depth in (20, 56):
