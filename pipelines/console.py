@@ -49,8 +49,8 @@ def summary(epochs: int, seconds: float, final_error: float, best: tuple[float, 
             run_name: str, mlflow_run_id: str, experiment: str, open_command: str) -> str:
     """The closing lines: what was reached, where the checkpoints are, how to open the MLflow run.
     best: (validation error, epoch, checkpoint directory name) of the best checkpoint kept."""
-    lines = [f"done: {epochs} epochs in {duration(seconds)}; final val error {final_error:.2%}"
-             + (f", best {best[0]:.2%} (epoch {best[1]})" if best else ""),
+    lines = [f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {duration(seconds)}; "
+             f"final val error {final_error:.2%}" + (f", best {best[0]:.2%} (epoch {best[1]})" if best else ""),
              f"checkpoints: {run_dir}" + (f" (best: {best[2]})" if best else "")
              + f"; resume or extend with the same run.name={run_name}",
              f"MLflow run {mlflow_run_id} in experiment {experiment}; to see it: {open_command}"]
