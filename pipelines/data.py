@@ -424,7 +424,9 @@ def epoch_batches(source, data: DataSection, epoch: int, seed: int, batch_size: 
     is reshuffled per epoch by read_shards. The final partial training batch is dropped.
     """
     return source.iter_torch_batches(
-        batch_size=batch_size, collate_fn=Collate(pin), drop_last=train,
+        # device="cpu": pipelines.feed moves each batch to the GPU on a stream of its own. Ray's
+        # "auto" would copy a batch of tensors alone to the worker's GPU on its own thread and stream.
+        batch_size=batch_size, collate_fn=Collate(pin), drop_last=train, device="cpu",
         prefetch_batches=data.prefetch_batches,
         local_shuffle_buffer_size=data.shuffle_buffer if train and data.shuffle_buffer else None,
         local_shuffle_seed=(seed * 100_003 + epoch) % 2**32 if train else None)  # numpy takes 32 bits
