@@ -22,8 +22,8 @@ Model FLOPs utilisation: 3 x forward FLOPs per image x images/s, against the GPU
 Images: --photos real photographs (benchmarks/photos.py, varied: 500 pixels on the long side, the
 short side 375 for half of them and 300 to 450 for the others, q90), linked under new names up to
 --images training images, written as shards; decoding the same bytes twice costs what two photos
-do. `ratio: X` is (4) / the ceiling: printed after (4) against (1), and again
-as the last line against the fastest of (1) and (6), so a run stopped early keeps its first.
+do. `ratio: X` is (4) / the ceiling: printed after (4) against (1), and again as the last line
+against the fastest of (1) and (6), so a run stopped early keeps its first.
 `--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it.
 On a GPU machine without Ray or MLflow: benchmarks/gpu_check.sh (installs the carried wheels first).
 """
