@@ -20,7 +20,7 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
                          ("a. decoded by Ray Data on 1 CPU", 2), ("b. decoded on the cpu", 2),  # input alone, end to end
                          ("pipelines.train, epoch 2", 1), ("cifar_resnet20", 1), ("cifar_resnet56", 1)):
         assert sum(line.lstrip().startswith(label) for line in lines) == times, label
-    # the product's own epoch table, both epochs, images/s read from its last row
+    # the product's own epoch table, both epochs, images/s read from its last row (the second)
     table = [line.split() for line in lines if re.match(r"\s+\d+\s+\d\.\d{4}\s", line)]
     assert [row[0] for row in table] == ["1", "2", "1"]  # then one epoch with host syncs checked
     product = next(line for line in lines if line.startswith("pipelines.train, epoch 2"))
