@@ -73,7 +73,7 @@ def decode_jpegs(batch: list[bytes], device: torch.device) -> list[torch.Tensor]
     # that kernels queued there still read could be overwritten. So the outputs are allocated on a
     # stream that runs no kernel; the caller's stream waits for the decode, and the allocator reuses
     # their memory only once the caller's stream is done with them. No thread waits for the GPU.
-    user, alloc = torch.cuda.current_stream(device), _allocation_stream(device)
+    user, alloc = torch.cuda.current_stream(device), device_stream(device, "decoded images")
     with torch.cuda.stream(alloc):
         images = _decode_jpeg(list(batch), mode="RGB", device=device)
     user.wait_stream(alloc)
@@ -82,12 +82,13 @@ def decode_jpegs(batch: list[bytes], device: torch.device) -> list[torch.Tensor]
     return images
 
 
-_ALLOCATION_STREAMS: dict = {}
+_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 _STREAMS_LOCK = threading.Lock()
 
 
-def _allocation_stream(device: torch.device) -> torch.cuda.Stream:
+def device_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One CUDA stream per GPU for each role, kept for the process (pipelines.feed's is another)."""
     with _STREAMS_LOCK:
-        if device not in _ALLOCATION_STREAMS:
-            _ALLOCATION_STREAMS[device] = torch.cuda.Stream(device)
-        return _ALLOCATION_STREAMS[device]
+        if (device, role) not in _STREAMS:
+            _STREAMS[device, role] = torch.cuda.Stream(device)
+        return _STREAMS[device, role]

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 import torch
 
+from pipelines.codecs import device_stream
 from pipelines.config import Config
 from pipelines.data import epoch_batches, to_device, usable_rows
 from pipelines.gpu_decode import BatchAugment
@@ -49,20 +50,6 @@ def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | No
     return (out for batch in batches if (out := prepare(batch)) is not None)
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_SIDE_LOCK = threading.Lock()
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one stream every feed on this GPU prepares on. PyTorch's caching allocator reuses a freed
-    block only for the stream it was allocated on: a stream for each epoch's feed (drawn in turn
-    from PyTorch's pool of 32) would cache a copy of the feed's working memory for each."""
-    with _SIDE_LOCK:
-        if device not in _SIDE_STREAMS:
-            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-        return _SIDE_STREAMS[device]
-
-
 class Prefetch:
     """device_batches' iterator with a thread that prepares ahead on a CUDA stream of its own.
     close() stops the thread (train_epoch's finally, or an epoch started early and not used)."""
@@ -72,7 +59,10 @@ class Prefetch:
         if self.cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.prepare = device, prepare
-        self.side = side_stream(device) if self.cuda else None
+        # One stream for every feed on this GPU: PyTorch's caching allocator reuses a freed block only
+        # for the stream it was allocated on, so a stream for each epoch's feed (drawn in turn from
+        # PyTorch's pool of 32) would cache a copy of the feed's working memory for each.
+        self.side = device_stream(device, "feed") if self.cuda else None
         self.ready: queue.Queue = queue.Queue(maxsize=ahead)
         self.stop = threading.Event()
         self.ended = False
