@@ -4,8 +4,10 @@
         train_step(...)
 
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
-GPU, or the decode and augmentation on the GPU) on a CUDA stream of its own, while the training
-step runs on the default stream. The training stream waits on an event recorded after each
+GPU, or the augmentation on the GPU) on a CUDA stream of its own, while the training step runs on
+the default stream. Decoding on the GPU has a thread of its own before it, one batch ahead: the
+batched decoder returns only when its batch is decoded, and meanwhile the other thread launches
+the previous batch's augmentation. The training stream waits on an event recorded after each
 batch, not the host: nothing here makes a thread wait for the GPU. On a CPU the thread still
 overlaps the next batch's host work (Ray Data, decoding) with the step's.
 """
@@ -22,7 +24,7 @@ import torch
 from pipelines.codecs import device_stream
 from pipelines.config import Config
 from pipelines.data import epoch_batches, to_device, usable_rows
-from pipelines.gpu_decode import BatchAugment
+from pipelines.gpu_decode import BatchAugment, Decoded
 
 
 class DeviceBatch(NamedTuple):
@@ -31,6 +33,9 @@ class DeviceBatch(NamedTuple):
     rows: int              # rows the host batch held, skipped ones included
     skipped: int           # rows that could not be decoded
     idx: np.ndarray | None = None  # the host batch's rows' global numbers (planned training rows), on the host
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
 
 
 _DONE = object()
@@ -83,14 +88,15 @@ class Prefetch:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.device)
-            for batch in self.source:
-                with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
+            # The source too is read on the side stream: it may be another Prefetch (decode, then augment).
+            with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
+                for batch in self.source:
                     out = self.prepare(batch)
                     event = torch.cuda.Event() if self.cuda else None
                     if event is not None:
                         event.record(self.side)
-                if out is not None and not self._put((out, event)):
-                    return
+                    if out is not None and not self._put((out, event)):
+                        return
             self._put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
             self._put(_Failed(e))
@@ -113,7 +119,7 @@ class Prefetch:
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
-            for t in (out.x, out.y):  # the allocator must not reuse their memory before this stream is done
+            for t in out.tensors():  # the allocator must not reuse their memory before this stream is done
                 t.record_stream(stream)
         return out
 
@@ -151,10 +157,12 @@ def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device,
         # crop boxes and flips: a stream of their own per (seed, epoch, rank, split)
         augment = BatchAugment(data, train, device, np.random.default_rng([cfg.run.seed, epoch, rank, train]),
                                channels_last=channels_last, generator=generator)
+        # Two threads: the next batch decodes while this one's augmentation is launched.
+        host = device_batches(host, augment.decode, device, ahead=min(data.prefetch_batches, 1))
 
-        def prepare(b: dict) -> DeviceBatch:
-            x, y, skipped = augment(b, keep_one=train)
-            return DeviceBatch(x, y, len(b["key"]), skipped, b.get("idx"))
+        def prepare(d: Decoded) -> DeviceBatch:
+            x, y, skipped = augment.augment(d, keep_one=train)
+            return DeviceBatch(x, y, d.rows, skipped, d.idx)
     else:
         def prepare(b: dict) -> DeviceBatch:
             rows, idx = len(b["label"]), b.get("idx")

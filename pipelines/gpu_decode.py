@@ -19,6 +19,7 @@ transforms as a few batched operations, not a loop of kernels per image:
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from torchvision.ops import roi_align
 
 from pipelines.codecs import JPEG_MAGIC, decode_jpegs
 from pipelines.config import DataSection
-from pipelines.data import decode, lighting, undecodable
+from pipelines.data import decode as decode_on_cpu
+from pipelines.data import lighting, undecodable
 
 RRC_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect-ratio range
 
@@ -119,16 +121,14 @@ def draw_boxes(data: DataSection, train: bool, hw: np.ndarray, rng: np.random.Ge
 
 def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int) -> torch.Tensor:
     """uint8 3 x H x W images (any sizes) and their boxes -> float N x 3 x size x size in 0..255:
-    one roi_align per distinct image size, the boxes of all of them copied to the device at once."""
+    one roi_align per distinct image size. An ImageNet batch holds about a hundred sizes, so the ops
+    per size are kept few: the host's time to launch them is most of this function's cost on a GPU."""
     device = images[0].device
-    out = torch.empty(len(images), 3, size, size, device=device)
     groups = defaultdict(list)
     for i, image in enumerate(images):
         groups[tuple(image.shape[1:])].append(i)
-    order = np.concatenate([np.asarray(idx) for idx in groups.values()])
-    rois = np.zeros((len(images), 5))  # per group: (index in the group, x1, y1, x2, y2)
-    starts, pads = np.cumsum([0] + [len(idx) for idx in groups.values()]), []
-    for start, ((h, w), idx) in zip(starts, groups.items()):
+    rois, pads, start = np.zeros((len(images), 5)), [], 0  # per group: (index in the group, x1, y1, x2, y2)
+    for (h, w), idx in groups.items():
         b = boxes[idx]
         # Zero padding for boxes that reach outside (CIFAR): roi_align would repeat the edge instead.
         pad = int(np.ceil(max(0.0, -b[:, 0].min(), -b[:, 1].min(), (b[:, 0] + b[:, 2]).max() - h,
@@ -136,31 +136,53 @@ def crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int) -> tor
         top, left = b[:, 0] + pad, b[:, 1] + pad
         rois[start:start + len(idx)] = np.stack([np.arange(len(idx)), left, top, left + b[:, 3], top + b[:, 2]], 1)
         pads.append(pad)
-    rois = torch.as_tensor(rois, dtype=torch.float32).to(device, non_blocking=True)
-    order_d = torch.as_tensor(order).to(device, non_blocking=True)
-    for start, pad, idx in zip(starts, pads, groups.values()):
-        group = torch.stack([images[i] for i in idx]).float()
+        start += len(idx)
+    group_rois = torch.as_tensor(rois, dtype=torch.float32).to(device, non_blocking=True).split(
+        [len(idx) for idx in groups.values()])
+    resampled = []
+    for idx, pad, r in zip(groups.values(), pads, group_rois):
+        group = (images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])).float()
         if pad:
             group = F.pad(group, (pad, pad, pad, pad))
-        end = start + len(idx)
         # aligned: pixel centres at +0.5, so a box of the output's size samples exact pixels
-        resampled = roi_align(group, rois[start:end], output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                              aligned=True)
-        out.index_copy_(0, order_d[start:end], resampled)
-    return out
+        resampled.append(roi_align(group, r, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+    if len(resampled) == 1:  # one image size (CIFAR, digits): already in the batch's order
+        return resampled[0]
+    order = np.concatenate([np.asarray(idx) for idx in groups.values()])  # the batch's rows, group by group
+    return torch.cat(resampled).index_select(0, torch.as_tensor(np.argsort(order)).to(device, non_blocking=True))
 
 
 # ---------------------------------------------------------------------------------------------
 # One batch, end to end
 
+class Decoded(NamedTuple):
+    """A batch after its decode, before its augmentation (BatchAugment's two stages)."""
+    images: list[torch.Tensor]  # the rows that decoded, uint8 3 x H x W on the device
+    labels: torch.Tensor        # theirs, on the host
+    rows: int                   # rows the batch held, skipped ones included
+    skipped: int                # rows that could not be decoded
+    idx: np.ndarray | None = None  # the host batch's rows' global numbers, passed through
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What is on the device: pipelines.feed keeps it from being reused while still in use."""
+        return self.images
+
+
 class BatchAugment:
     """Encoded rows -> (x: normalised float N x 3 x crop x crop on device, channels_last if asked;
-    y: labels on device; how many rows could not be decoded).
+    y: labels on device; how many rows could not be decoded), in two stages that pipelines.feed
+    runs on two threads, so that one batch's augmentation is launched while the next is decoding
+    (torchvision's batched nvJPEG decode returns only when its batch is decoded):
+
+        decoded = augment.decode(batch)            # the JPEGs, in one call
+        x, y, skipped = augment.augment(decoded)   # crop boxes, resampling, flip, normalisation
+        x, y, skipped = augment(batch)             # both
 
     The batch is decoded in one call; if that fails, image by image, each on the CPU if the device's
     decoder cannot read it (PNG, CMYK JPEG), as the CPU path would. A row neither can read is left
     out and counted (data.bad_records=skip) or stops the run naming its key (fail). keep_one: a
     batch with no readable row keeps one blank placeholder labelled -1, so a DDP worker still steps.
+    The random draws are all in augment, so the batches are the same whichever thread decoded them.
     """
 
     def __init__(self, data: DataSection, train: bool, device: torch.device, rng: np.random.Generator,
@@ -172,10 +194,16 @@ class BatchAugment:
         self.shift = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) / std
 
     def __call__(self, batch: dict, keep_one: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-        images, keep = self.decode(batch["image"], batch["key"])
-        skipped = len(batch["key"]) - len(keep)
-        images = [images[i] for i in keep]
+        return self.augment(self.decode(batch), keep_one)
+
+    def decode(self, batch: dict) -> Decoded:
+        images, keep = self.decode_rows(batch["image"], batch["key"])
         labels = torch.as_tensor(batch["label"]).long()[torch.as_tensor(keep, dtype=torch.long)]
+        return Decoded([images[i] for i in keep], labels, len(batch["key"]), len(batch["key"]) - len(keep),
+                       batch.get("idx"))
+
+    def augment(self, decoded: Decoded, keep_one: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        images, skipped = decoded.images, decoded.skipped
         if not images:
             c = self.data.crop_size
             x = torch.zeros(1 if keep_one else 0, 3, c, c, device=self.device)
@@ -189,12 +217,12 @@ class BatchAugment:
         x = x * self.scale - self.shift
         if self.train and self.data.pca_lighting and self.generator is not None:
             x = lighting(x, self.data, self.generator)
-        return self.finish(x), labels.to(self.device, non_blocking=True), skipped
+        return self.finish(x), decoded.labels.to(self.device, non_blocking=True), skipped
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def decode(self, encoded, keys) -> tuple[list, list[int]]:
+    def decode_rows(self, encoded, keys) -> tuple[list, list[int]]:
         """(decoded images on the device, the indices of the rows that decoded)."""
         encoded = list(encoded)
         if all(bytes(e[:3]) == JPEG_MAGIC for e in encoded):
@@ -218,4 +246,4 @@ class BatchAugment:
                 return decode_jpegs([data], self.device)[0]
             except Exception:  # e.g. a CMYK or progressive JPEG nvJPEG declines: the CPU's decoders
                 pass
-        return decode(bytes(data)).to(self.device, non_blocking=True)
+        return decode_on_cpu(bytes(data)).to(self.device, non_blocking=True)

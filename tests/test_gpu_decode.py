@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines import codecs
 from pipelines.config import load_config
-from pipelines.feed import DeviceBatch, device_batches
+from pipelines.feed import DeviceBatch, device_batches, epoch_feed
 from pipelines.gpu_decode import (BatchAugment, centre_boxes, crop_resize, padded_crop_boxes, paper_boxes,
                                   rrc_boxes)
 from pipelines.recipe import train_step
@@ -173,7 +174,6 @@ def test_an_error_while_preparing_ahead_reaches_the_training_loop():
 def test_batches_prepared_ahead_start_at_once_and_stop_their_source_when_closed():
     """What lets the next epoch's batches be on their way during validation: the work starts when
     the feed is made, not at the first next(); closing it unused ends the source's iteration."""
-    import threading
     started, ended = threading.Event(), threading.Event()
 
     def source():
@@ -192,6 +192,60 @@ def test_batches_prepared_ahead_start_at_once_and_stop_their_source_when_closed(
     batches.close()
     assert ended.is_set() and not batches.thread.is_alive()
     assert next(batches, None) is None
+
+
+class Rows:
+    """A stand-in for a Train worker's DataIterator: encoded batches, in order, as Ray hands them."""
+
+    def __init__(self, batches):
+        self.batches, self.closed = batches, threading.Event()
+
+    def iter_torch_batches(self, **_):
+        try:
+            yield from self.batches
+        finally:
+            self.closed.set()
+
+
+def test_decoding_on_its_own_thread_gives_the_batches_of_one_thread_in_order_and_stops_with_the_feed():
+    """data.decode=gpu's feed: one thread decodes, another augments. Each batch keeps its labels and
+    row numbers, the random crops are the same as with no thread at all, a row that stops the run
+    stops it from the decoding thread, and closing the feed early ends both threads and the source."""
+    cfg = load_config(CONFIG, ["data.decode=gpu", "data.flip=true", "data.mean=[0,0,0]", "data.std=[1,1,1]",
+                               "data.train_transform=rrc", "data.crop_size=16"])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, (6, 8))
+    batches = [{"image": np.array([coloured(int(k), 24 + 8 * (i % 3), 32) for i, k in enumerate(row)], dtype=object),
+                "label": torch.as_tensor(row), "key": [f"b{b}-{i}" for i in range(8)],
+                "idx": np.arange(8) + 8 * b} for b, row in enumerate(labels)]
+
+    def feed(c, source=None):
+        return epoch_feed(source or Rows(batches), c, epoch=1, rank=0, device=CPU, channels_last=False, train=True,
+                          batch_size=8)
+
+    one_thread = list(feed(cfg.model_copy(update={"data": cfg.data.model_copy(update={"prefetch_batches": 0})})))
+    ahead = list(feed(cfg))
+    assert [b.y.tolist() for b in ahead] == labels.tolist()
+    assert [b.idx.tolist() for b in ahead] == [list(range(8 * b, 8 * b + 8)) for b in range(6)]
+    assert all(torch.equal(a.x, b.x) for a, b in zip(one_thread, ahead))
+    centre = torch.cat([b.x[:, 0, 6:10, 6:10].mean((1, 2)) for b in ahead]) * 255
+    assert (centre - 20 * torch.as_tensor(labels).flatten()).abs().max() < 3
+
+    broken = [dict(b) for b in batches]
+    broken[3]["image"] = broken[3]["image"].copy()
+    broken[3]["image"][5] = b"\xff\xd8\xff" + b"broken" * 10
+    got = []
+    with pytest.raises(ShardError, match="b3-5: cannot decode"):
+        for b in feed(cfg.model_copy(update={"data": cfg.data.model_copy(update={"bad_records": "fail"})}),
+                      Rows(broken)):
+            got.append(b.idx[0])
+    assert got == [0, 8, 16]
+
+    source = Rows(batches)
+    early = feed(cfg, source)
+    next(early)
+    early.close()
+    assert source.closed.is_set() and not early.thread.is_alive() and not early.source.thread.is_alive()
 
 
 def test_without_torchcodec_torchvisions_decoders_give_the_same_pixels(tmp_path):
