@@ -147,9 +147,12 @@ def feed_batches(cfg, device, channels_last: bool, host_only: bool = False):
 
 
 def decode_alone(shards: Path, a, device, row) -> None:
-    """Batched decode of a batch's JPEGs on the device, by each decoder that loads here."""
+    """Batched decode of a batch's JPEGs on the device, by each decoder that loads here; then the
+    augmentation alone on the decoded batch (the feed's second thread)."""
+    import numpy as np
     import pyarrow.parquet as pq
     from pipelines import codecs
+    from pipelines.gpu_decode import BatchAugment, Decoded
     first = sorted((shards / "train").glob("*.parquet"))[0]
     encoded = pq.read_table(first, columns=["image"]).column("image").to_pylist()[:a.batch]
     encoded = (encoded * (a.batch // len(encoded) + 1))[:a.batch]
@@ -161,6 +164,12 @@ def decode_alone(shards: Path, a, device, row) -> None:
             continue
         row(f"   decode alone, {name}", timed(lambda i: decode_jpeg(encoded, mode="RGB", device=device),
                                               device, a.batch, a.steps, a.warmup), training=False)
+    augment = BatchAugment(bench_config(shards, a, "gpu").data, True, device, np.random.default_rng(0),
+                           channels_last=True)
+    decoded = Decoded(codecs.decode_jpegs(encoded, device), torch.zeros(a.batch, dtype=torch.long), a.batch, 0)
+    sizes = len({tuple(image.shape) for image in decoded.images})
+    row(f"   augment alone ({sizes} image sizes in the batch)", timed(lambda i: augment.augment(decoded), device,
+                                                                     a.batch, a.steps, a.warmup), training=False)
 
 
 def run_product(shards: Path, a, home: Path, device, epochs: int, name: str, env: dict | None = None,
@@ -300,7 +309,8 @@ def main() -> None:
         quiet_ray_data()
         paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"),
                  ("b", "gpu", f"decoded on the {device.type}")]
-        print("\n2. the input alone: the JPEG decoders on one batch, then the product's feed (RandomResizedCrop + flip)")
+        print("\n2. the input alone: the JPEG decoders and the augmentation (RandomResizedCrop + flip) on one batch, "
+              "then the product's feed")
         decode_alone(shards, a, device, row)
         batches = feed_batches(bench_config(shards, a, "gpu"), device, channels_last=True, host_only=True)
         row("   encoded rows alone, reaching the worker", timed(lambda i: next(batches), device, a.batch, a.steps,

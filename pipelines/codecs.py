@@ -35,13 +35,9 @@ def _torchvision():
 
     def as_tensor(data):
         """The encoded bytes as a uint8 tensor, not copied (a copy of a batch's JPEGs costs about as
-        much host time as the rest of its augmentation). The decoders only read it, so torch's
-        warning that the buffer is read-only is silenced."""
-        if isinstance(data, torch.Tensor):
-            return data
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(data, dtype=torch.uint8)
+        much host time as the rest of its augmentation). The decoders only read it; torch's warning
+        that the buffer is read-only is silenced by the callers below."""
+        return data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
 
     def decode_image(data, mode="RGB"):
         with warnings.catch_warnings():  # deprecated in favour of TorchCodec from torchvision 0.29

@@ -5,7 +5,7 @@
 
 A thread takes the next host batches and runs prepare on them (the copy from pinned memory to the
 GPU, or the augmentation on the GPU) on a CUDA stream of its own, while the training step runs on
-the default stream. Decoding on the GPU has a thread of its own before it, one batch ahead: the
+the default stream. Decoding on the GPU has a thread of its own before it, a batch or two ahead: the
 batched decoder returns only when its batch is decoded, and meanwhile the other thread launches
 the previous batch's augmentation. The training stream waits on an event recorded after each
 batch, not the host: nothing here makes a thread wait for the GPU. On a CPU the thread still
@@ -92,11 +92,13 @@ class Prefetch:
             with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
                 for batch in self.source:
                     out = self.prepare(batch)
+                    batch = None  # not held on the device while the next one is awaited
                     event = torch.cuda.Event() if self.cuda else None
                     if event is not None:
                         event.record(self.side)
                     if out is not None and not self._put((out, event)):
                         return
+                    out = None
             self._put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
             self._put(_Failed(e))

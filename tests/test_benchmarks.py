@@ -15,7 +15,7 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = out.stdout.splitlines()
     for label, times in (("fp32", 1), ("bf16 autocast", 1), ("bf16 + channels_last", 1),
-                         ("decode alone, torchcodec", 1), ("decode alone, torchvision", 1),
+                         ("decode alone, torchcodec", 1), ("decode alone, torchvision", 1), ("augment alone", 1),
                          ("encoded rows alone, reaching the worker", 1),
                          ("a. decoded by Ray Data on 1 CPU", 2), ("b. decoded on the cpu", 2),  # input alone, end to end
                          ("pipelines.train, epoch 2", 1), ("cifar_resnet20", 1), ("cifar_resnet56", 1)):
