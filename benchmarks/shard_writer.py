@@ -42,7 +42,7 @@ def main() -> None:
         print(f"{'mode':<28} {'img/s/core':>10} {'vs decode':>9} {'KiB/img':>8}")
         print(f"{'baseline: PIL read+decode':<28} {baseline:>10.0f} {1.0:>9.2f} {size / a.images / 1024:>8.0f}")
         source = scan_folder(root, 0.1, 0)
-        runs = [(f"writer, 1 worker", None, 1)] + [(f"writer --max-side {m}", m, 1) for m in a.max_side]
+        runs = [("writer, 1 worker", None, 1)] + [(f"writer --max-side {m}", m, 1) for m in a.max_side]
         if a.workers > 1:
             runs.append((f"writer, {a.workers} workers", None, a.workers))
         for i, (name, max_side, workers) in enumerate(runs):
