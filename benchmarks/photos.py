@@ -1,7 +1,7 @@
 """ImageNet-like JPEGs for the benchmarks: real photographs, not noise.
 
 scikit-learn ships two 427x640 photos; random windows of them, flipped and rescaled to ImageNet's
-typical 500x375 (or 375x500), saved at JPEG quality 90, in root/class{0..3}/. varied: half of them
+typical 500x375 (or 375x500), saved at JPEG quality 90, in root/class{0..classes-1}/. varied: half of them
 keep that size, the others get a short side of 300 to 450 pixels, so that a batch holds many sizes,
 as an ImageNet batch does (the GPU path resamples each size with a call of its own).
 """
@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 
-def make_photos(root: Path, n: int, seed: int = 0, varied: bool = False) -> int:
+def make_photos(root: Path, n: int, seed: int = 0, varied: bool = False, classes: int = 4) -> int:
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     total = 0
@@ -32,7 +32,7 @@ def make_photos(root: Path, n: int, seed: int = 0, varied: bool = False) -> int:
         img = src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        path = root / f"class{i % 4}" / f"img{i:05d}.JPEG"
+        path = root / f"class{i % classes}" / f"img{i:05d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, "JPEG", quality=90)
         total += path.stat().st_size
