@@ -500,13 +500,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def parse_cli(argv: list[str] | None, description: str, preset=None) -> Config:
+def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str | None = None) -> Config:
     """--config PATH, --print-config and key=value overrides; exits with a message on a mistake.
 
     preset(cfg) -> overrides: settings an entry point derives from the config (an experiment's grid
-    for the config's model family), applied before the command line's own overrides.
+    for the config's model family), applied before the command line's own overrides. prog: the
+    command its usage line shows (python -m pipelines.train).
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default="ray_config.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true",

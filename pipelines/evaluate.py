@@ -341,7 +341,8 @@ def sides(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Test a trained ResNet: single crop, 10-crop or multi-scale; "
+    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate",
+                                description="Test a trained ResNet: single crop, 10-crop or multi-scale; "
                                             "top-1 and top-5 error (see pipelines/evaluate.py).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",

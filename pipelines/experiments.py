@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.parse_args(argv[:1] or [])
     experiment = argv.pop(0)
     cfg = parse_cli(argv, f"Run the {experiment} experiment ({WHAT[experiment]}) as a Tune grid and report it "
-                          "beside the papers' numbers.", preset=preset(experiment))
+                          "beside the papers' numbers.", preset=preset(experiment),
+                    prog=f"python -m pipelines.experiments {experiment}")
     with cli_errors():
         path = run(experiment, cfg, " ".join(["python -m pipelines.experiments", experiment, *argv]))
     print(f"\n{path.read_text()}\nreport: {path}")

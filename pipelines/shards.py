@@ -687,7 +687,7 @@ def check_shards(shards_dir: str, split: str, verify: str = "size") -> list[tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m pipelines.shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, choices=["imagenet", "folder", "cifar10", "digits"])
     p.add_argument("--root", type=Path, help="the dataset on disk (not needed for digits)")

@@ -641,7 +641,7 @@ def closing_summary(cfg: Config, result, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, "Train a ResNet with DDP on Ray Train (see ray_config.yaml).")
+    cfg = parse_cli(argv, "Train a ResNet with DDP on Ray Train (see ray_config.yaml).", prog="python -m pipelines.train")
     t0 = time.perf_counter()
     with cli_errors():
         result = fit(cfg)

@@ -365,7 +365,8 @@ def train_command(argv: list[str], cfg: Config, values: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_cli(argv, "Search the tune.space of ray_config.yaml with Ray Tune and ASHA.")
+    cfg = parse_cli(argv, "Search the tune.space of ray_config.yaml with Ray Tune and ASHA.",
+                    prog="python -m pipelines.tune")
     with cli_errors():
         rows, grid = sweep(cfg)
     if not rows or math.isnan(rows[0]["best_val_error"]):
