@@ -25,7 +25,8 @@ short side 375 for half of them and 300 to 450 for the others, q90), linked unde
 costs what two photos do. ImageNet's 1000 classes: the product's ResNet-50 is then the ceiling's,
 whose compile it takes from inductor's cache instead of compiling it again. `ratio: X` is (4) / the ceiling: printed after (4) against (1), and again as the last line
 against the fastest of (1) and (6), so a run stopped early keeps its first.
-`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it.
+`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it. `--rows 5,6`
+runs those rows alone (1 as well for 3 and 4): what a run stopped by its time limit did not reach.
 On a GPU machine without Ray or MLflow: benchmarks/gpu_check.sh (installs the carried wheels first).
 """
 from __future__ import annotations
@@ -223,6 +224,16 @@ def host_syncs(shards: Path, a, home: Path, device) -> str:
     return found[0].strip() if found else f"pipelines.train failed (exit {code}):\n{log}"
 
 
+ROWS = ("1", "2", "3", "4", "4b", "5", "6")
+
+
+def rows_arg(text: str) -> set[str]:
+    rows = {r.strip() for r in text.split(",") if r.strip()}
+    if not rows or rows - set(ROWS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give rows from {','.join(ROWS)}, comma-separated")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Every row runs small on a CPU with --device cpu --smoke (a test does).")
@@ -243,7 +254,12 @@ def main() -> None:
                    help="scaling.cpus_per_worker of the product's run: the training process's share (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (rows and the product's run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs (CPU)")
+    p.add_argument("--rows", default=",".join(ROWS), type=rows_arg,
+                   help="the rows to run, e.g. 5,6 to finish a run its time limit stopped (default: all); 1 runs "
+                        "too with 3 or 4, which are read against it")
     a = p.parse_args()
+    if {"3", "4"} & a.rows:
+        a.rows.add("1")
     a.depth, a.size = 50, 224
     if a.smoke:
         a.batch, a.steps, a.warmup, a.photos, a.images, a.classes, a.no_compile = 4, 2, 1, 16, 64, 4, True
@@ -266,7 +282,6 @@ def main() -> None:
         print(f"{label:<52} {rate:>9,.0f} img/s   {mfu}", flush=True)
         return rate
 
-    print(f"\n1. {model} on synthetic {a.size}x{a.size} data: the compute ceiling")
     variants = [("fp32", False, False, None, False), ("bf16 autocast", True, False, None, False),
                 ("bf16 + channels_last", True, True, None, False)]
     if cuda:  # fused SGD is a CUDA kernel
@@ -287,32 +302,78 @@ def main() -> None:
                 torch.cuda.empty_cache()
         return best, best_rate
 
-    best, best_rate = synthetic(variants)
-    print(f"   the ceiling: {best_rate:,.0f} img/s")
+    best, best_rate, product = None, None, None
+    if "1" in a.rows:
+        print(f"\n1. {model} on synthetic {a.size}x{a.size} data: the compute ceiling")
+        best, best_rate = synthetic(variants)
+        print(f"   the ceiling: {best_rate:,.0f} img/s")
 
+    if {"2", "3", "4", "4b"} & a.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = write_photos(Path(tmp), a)
+            if {"2", "3"} & a.rows:
+                input_rows(shards, a, device, row, best)
+            best = None  # its memory, before the product trains
+            if cuda:
+                torch.cuda.empty_cache()
+            if "4" in a.rows:
+                print(f"\n4. end to end through the product: python -m pipelines.train, {a.epochs} epochs")
+                product = row(f"pipelines.train, epoch {a.epochs}", product_rate(shards, a, Path(tmp) / "home", device))
+                print(f"ratio: {product / best_rate:.2f}   (against the ceiling of 1)", flush=True)
+            if "4b" in a.rows:
+                print("\n4b. the same for one epoch with RAY_RESNET_CHECK_SYNCS=1 (eager): does a step wait for the GPU?")
+                print(f"host syncs: {host_syncs(shards, a, Path(tmp) / 'home', device)}", flush=True)
+
+    if "5" in a.rows:
+        print("\n5. CIFAR ResNets at 32x32, batch 128, bf16 + channels_last" + ("" if a.no_compile else " + compile"))
+        for depth in (20, 56):
+            step = Step(f"cifar_resnet{depth}", 10, device, True, True, None if a.no_compile else "default", cuda)
+            batch = 4 if a.smoke else 128
+            rate = synthetic_rate(step, batch, 32, 10, a.steps, a.warmup + (0 if a.no_compile else 10))
+            print(f"cifar_resnet{depth:<40} {rate:>9,.0f} img/s   {50_000 / rate:,.1f} s per 50,000-image epoch",
+                  flush=True)
+
+    if "6" in a.rows and not a.no_compile:
+        print(f"\n6. {model} on synthetic data with CUDA graphs")
+        _, graphs = synthetic([("bf16 + channels_last + fused SGD + CUDA graphs", True, True, "reduce-overhead",
+                                cuda)])
+        best_rate = max(best_rate or 0.0, graphs)
+
+    if peak is None:
+        print("\nMFU: not measured (no known bf16 peak for this device)")
+    if product:
+        print(f"\nthe product end to end / the synthetic ceiling: {product:,.0f} / {best_rate:,.0f}")
+        print(f"ratio: {product / best_rate:.2f}")
+
+
+def write_photos(tmp: Path, a) -> Path:
+    """The benchmark's JPEG shards in tmp/shards (see the module's docstring)."""
+    photos, shards = tmp / "photos", tmp / "shards"
+    t0 = time.perf_counter()
+    make_photos(photos, min(a.photos, a.images), varied=True, classes=a.classes)
+    originals = sorted(photos.rglob("*.JPEG"))
+    for i in range(len(originals), a.images):  # more names for the same bytes
+        src = originals[i % len(originals)]
+        os.link(src, src.parent / f"copy{i:06d}.JPEG")
+    val = max(0.02, 8 / a.images, (a.classes + 1) / a.images)  # the stratified split: one a class at least
+    write_shards(scan_folder(photos, val, 0), shards, Options(rows_per_shard=256),
+                 workers=max(a.workers, 1), progress=None)
+    print(f"\n(shards of {a.images:,} images written in {time.perf_counter() - t0:.0f} s)")
+    return shards
+
+
+def input_rows(shards: Path, a, device, row, best: Step | None) -> None:
+    """Rows 2 and 3 (those in a.rows), in a Ray started here for them; 3 feeds row 1's fastest step."""
     import ray
     from pipelines.ray_internals import quiet_ray_data, setup_process
     from pipelines.runtime import SETUP_HOOK
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        photos, shards = tmp / "photos", tmp / "shards"
-        t0 = time.perf_counter()
-        make_photos(photos, min(a.photos, a.images), varied=True, classes=a.classes)
-        originals = sorted(photos.rglob("*.JPEG"))
-        for i in range(len(originals), a.images):  # more names for the same bytes
-            src = originals[i % len(originals)]
-            os.link(src, src.parent / f"copy{i:06d}.JPEG")
-        val = max(0.02, 8 / a.images, (a.classes + 1) / a.images)  # the stratified split: one a class at least
-        write_shards(scan_folder(photos, val, 0), shards, Options(rows_per_shard=256),
-                     workers=max(a.workers, 1), progress=None)
-        print(f"\n(shards of {a.images:,} images written in {time.perf_counter() - t0:.0f} s)")
-
-        setup_process()  # as the training job's processes are set up
-        ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": SETUP_HOOK}, logging_level=logging.ERROR)
-        quiet_ray_data()
-        paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"),
-                 ("b", "gpu", f"decoded on the {device.type}")]
+    setup_process()  # as the training job's processes are set up
+    ray.init(address="local", num_cpus=max(a.workers, 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK}, logging_level=logging.ERROR)
+    quiet_ray_data()
+    paths = [("a", "cpu", f"decoded by Ray Data on {a.workers} CPU{'s' if a.workers > 1 else ''}"),
+             ("b", "gpu", f"decoded on the {device.type}")]
+    if "2" in a.rows:
         print("\n2. the input alone: the JPEG decoders and the augmentation (RandomResizedCrop + flip) on one batch, "
               "then the product's feed")
         decode_alone(shards, a, device, row)
@@ -324,6 +385,7 @@ def main() -> None:
             batches = feed_batches(bench_config(shards, a, decode), device, channels_last=True)
             row(f"{key}. {label}", timed(lambda i: next(batches), device, a.batch, a.steps, a.warmup), training=False)
             batches.close()
+    if "3" in a.rows:
         print("\n3. end to end in this process: the feed into the fastest step of 1")
         for key, decode, label in paths:
             batches = feed_batches(bench_config(shards, a, decode), device, channels_last=best.channels_last)
@@ -333,36 +395,7 @@ def main() -> None:
                 best(b.x, b.y)
             row(f"{key}. {label}", timed(train, device, a.batch, a.steps, a.warmup))
             batches.close()
-        ray.shutdown()
-        best = None  # its memory, before the product trains
-        if cuda:
-            torch.cuda.empty_cache()
-
-        print(f"\n4. end to end through the product: python -m pipelines.train, {a.epochs} epochs")
-        product = row(f"pipelines.train, epoch {a.epochs}", product_rate(shards, a, tmp / "home", device))
-        print(f"ratio: {product / best_rate:.2f}   (against the ceiling of 1)", flush=True)
-        print("\n4b. the same for one epoch with RAY_RESNET_CHECK_SYNCS=1 (eager): does a step wait for the GPU?")
-        print(f"host syncs: {host_syncs(shards, a, tmp / 'home', device)}", flush=True)
-
-    print("\n5. CIFAR ResNets at 32x32, batch 128, bf16 + channels_last" + ("" if a.no_compile else " + compile"))
-    for depth in (20, 56):
-        step = Step(f"cifar_resnet{depth}", 10, device, True, True, None if a.no_compile else "default", cuda)
-        batch = 4 if a.smoke else 128
-        rate = synthetic_rate(step, batch, 32, 10, a.steps, a.warmup + (0 if a.no_compile else 10))
-        print(f"cifar_resnet{depth:<40} {rate:>9,.0f} img/s   {50_000 / rate:,.1f} s per 50,000-image epoch",
-              flush=True)
-
-    if not a.no_compile:
-        print(f"\n6. {model} on synthetic data with CUDA graphs")
-        _, graphs = synthetic([("bf16 + channels_last + fused SGD + CUDA graphs", True, True, "reduce-overhead",
-                                cuda)])
-        best_rate = max(best_rate, graphs)
-
-    if peak is None:
-        print("\nMFU: not measured (no known bf16 peak for this device)")
-    print(f"\nthe product end to end / the synthetic ceiling: {product:,.0f} / {best_rate:,.0f}")
-    print(f"ratio: {product / best_rate:.2f}")
-
+    ray.shutdown()
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,20 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
 
 
+def test_the_gpu_benchmark_runs_only_the_rows_asked_for(tmp_path):
+    """--rows finishes what a time limit stopped: here row 5 alone, no ceiling, no shards, no ratio."""
+    run = [sys.executable, "gpu_throughput.py", "--device", "cpu", "--smoke", "--workers", "1", "--rows"]
+    out = subprocess.run([*run, "5"], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_RESNET_HOME": str(tmp_path)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines if re.match(r"\d+b?\. ", line)] == ["5."]
+    assert sum(line.startswith(("cifar_resnet20 ", "cifar_resnet56 ")) for line in lines) == 2
+    assert not any(line.startswith(("ratio", "(shards")) for line in lines)
+    bad = subprocess.run([*run, "4,7"], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'4,7': give rows from 1,2,3,4,4b,5,6" in bad.stderr, bad.stderr
+
+
 def test_the_input_benchmark_runs_small_and_ends_with_its_ratio(tmp_path):
     out = subprocess.run([sys.executable, "data_throughput.py", "--images", "400", "--epochs", "1", "--batch", "16",
                           "--workers", "1"],
