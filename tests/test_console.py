@@ -100,7 +100,8 @@ def test_every_entry_point_answers_help():
         # a module's usage line is the command that runs it (python pipelines/train.py does not import)
         usage = "usage: " + (f"python -m {entry}" if not entry.endswith(".py") else "")
         assert code == 0 and text.startswith(usage), (entry, code, text[-500:])
-    for script in ("dev.sh", "cluster/local.sh"):
+    for script in ("dev.sh", "cluster/local.sh", "benchmarks/gpu_check.sh", "benchmarks/gpu_install.sh",
+                   "benchmarks/gpu_wheels.sh"):
         out = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and f"{script} " in out.stdout, (script, out)  # its usage lines
 
