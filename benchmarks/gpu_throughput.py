@@ -201,8 +201,10 @@ def run_product(shards: Path, a, home: Path, device, epochs: int, name: str, env
 
 
 def product_rate(shards: Path, a, home: Path, device) -> float:
-    """The product's images/s: the last of its a.epochs epochs, from its own epoch table."""
-    code, lines, log = run_product(shards, a, home, device, a.epochs, "gpu-throughput")
+    """The product's images/s: the last of its a.epochs epochs, from its own epoch table. With
+    a.profile, a few steps of its second epoch profiled into that folder (RAY_RESNET_PROFILE)."""
+    code, lines, log = run_product(shards, a, home, device, a.epochs, "gpu-throughput",
+                                   {"RAY_RESNET_PROFILE": str(a.profile)} if a.profile else None)
     if code != 0:
         raise SystemExit(f"pipelines.train failed (exit {code}):\n{log}")
     column = [key for key, *_ in TABLE].index("images_per_s")
@@ -254,6 +256,9 @@ def main() -> None:
                    help="scaling.cpus_per_worker of the product's run: the training process's share (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (rows and the product's run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs (CPU)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="profile a few steps of the product's second epoch (row 4) into DIR: a Chrome trace and "
+                        "a table of ops (RAY_RESNET_PROFILE, docs/gpu.md)")
     p.add_argument("--rows", default=",".join(ROWS), type=rows_arg,
                    help="the rows to run, e.g. 5,6 to finish a run its time limit stopped (default: all); 1 runs "
                         "too with 3 or 4, which are read against it")

@@ -244,7 +244,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     upcoming, job.upcoming = job.upcoming, None
     batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows)
-    audit = RowAudit(job, ep)
+    audit, profile = RowAudit(job, ep), StepProfile(job, ep)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
     try:
@@ -269,6 +269,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
                 n = ok.sum()
                 sums += torch.stack([loss.float() * n, ((logits.argmax(1) != b.y) & ok).sum(), n]).double()
                 say.step((s - ep.start) * cfg.data.batch_size, waited)
+            profile.step()
             if ep.due(job, s, say):
                 totals = epoch_totals(job, ep, sums, skipped, time.perf_counter() - t0, waited)
                 job.partial = {"steps": s, "done": torch.from_numpy(plan.pack(ep.done)), "sums": totals,
@@ -278,6 +279,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     finally:
         batches.close()
         audit.close()
+        profile.close()
     job.epoch += 1
     job.partial = None
     loss_sum, wrong, seen, skipped, train_time, wait_s = epoch_totals(job, ep, sums, skipped,
@@ -320,6 +322,50 @@ class RowAudit:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+class StepProfile:
+    """With RAY_RESNET_PROFILE=DIR in the driver's environment: rank 0 records torch.profiler over
+    a few steps of the run's second epoch (its first if it has one; the first compiles), after
+    SKIP steps that let the input and cuDNN's tuning settle. Where a step's time goes, in
+    DIR/<run name>-epoch<N>.trace.json.gz, a Chrome trace (ui.perfetto.dev or chrome://tracing) of
+    the training thread's ops and, on GPUs, of every kernel and copy on every stream, the feed's
+    included; and in DIR/<run name>-epoch<N>.txt, the ops by their own time. Nothing without it."""
+
+    SKIP, STEPS = 10, 5
+
+    def __init__(self, job: Job, ep: "Epoch"):
+        self.prof, self.epoch = None, ep.epoch
+        self.where, self.name = job.info.get("profile"), job.cfg.run.name
+        if not self.where or job.rank != 0 or ep.epoch != min(2, job.cfg.schedule.epochs):
+            return
+        steps = ep.steps - ep.start
+        skip = min(self.SKIP, steps // 3)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if job.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.cuda = job.device.type == "cuda"
+        self.prof = torch.profiler.profile(
+            activities=activities, on_trace_ready=self.save,
+            schedule=torch.profiler.schedule(wait=skip, warmup=1, active=max(1, min(self.STEPS, steps - skip - 1))))
+        self.prof.start()
+
+    def step(self) -> None:
+        if self.prof:
+            self.prof.step()
+
+    def close(self) -> None:
+        if self.prof:
+            self.prof.stop()
+            self.prof = None
+
+    def save(self, prof) -> None:
+        os.makedirs(self.where, exist_ok=True)
+        stem = f"{self.where}/{self.name}-epoch{self.epoch}"
+        prof.export_chrome_trace(f"{stem}.trace.json.gz")
+        by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        with open(f"{stem}.txt", "w") as f:
+            f.write(prof.key_averages().table(sort_by=by, row_limit=40) + "\n")
 
 
 def epoch_totals(job: Job, ep: Epoch, sums: torch.Tensor, skipped: int, spent: float, waited: float) -> list[float]:
@@ -547,6 +593,7 @@ def preflight(cfg: Config) -> dict:
             "manifest": manifest, "units": plan.read_units(shards["train"]),
             "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],
             "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
+            "profile": os.environ.get("RAY_RESNET_PROFILE"),
             "check_syncs": os.environ.get("RAY_RESNET_CHECK_SYNCS", "") not in ("", "0"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "

@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 
 def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "gpu_throughput.py", "--device", "cpu", "--smoke", "--workers", "1"],
+    out = subprocess.run([sys.executable, "gpu_throughput.py", "--device", "cpu", "--smoke", "--workers", "1",
+                          "--profile", str(tmp_path / "profile")],
                          cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=600,
                          env={**os.environ, "RAY_RESNET_HOME": str(tmp_path)})
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
@@ -26,6 +27,9 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
     product = next(line for line in lines if line.startswith("pipelines.train, epoch 2"))
     assert float(re.search(r"([\d,]+) img/s", product).group(1).replace(",", "")) == float(table[1][6])
     assert "host syncs: none in its steps and validation" in lines
+    # the product's second epoch profiled (--profile): a trace and a table of its ops
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["gpu-throughput-epoch2.trace.json.gz",
+                                                                      "gpu-throughput-epoch2.txt"]
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
 
 

@@ -1,5 +1,7 @@
 """The training job: DDP that matches one worker, checkpoints, resume, restarts after a worker dies,
 MLflow, dashboard gauges, multi-node, and mistakes caught before workers start."""
+import gzip
+import json
 import math
 import os
 import re
@@ -58,9 +60,16 @@ def test_a_job_checkpoints_logs_to_mlflow_and_resumes_at_the_next_epoch(tmp_path
 
     # Started again with the same name and one more epoch: it begins at epoch 2. It decodes in the
     # workers this time (data.decode=gpu, on their CPUs here), which loses nothing either.
+    # It profiles five steps of its second epoch too (RAY_RESNET_PROFILE).
     longer = small_cfg(tmp_path, "run.name=resume", "schedule.epochs=2", "data.decode=gpu", "mlflow.system_metrics_s=1")
+    monkeypatch.setenv("RAY_RESNET_PROFILE", str(tmp_path / "profile"))
     resumed_ms = time.time() * 1000
     result = fit(longer)
+    with gzip.open(tmp_path / "profile" / "resume-epoch2.trace.json.gz") as f:
+        events = json.load(f)["traceEvents"]
+    assert sum(str(e.get("name", "")).startswith("ProfilerStep#") for e in events) == 5
+    assert any(e.get("name") == "aten::convolution" for e in events)
+    assert "aten::convolution_backward" in (tmp_path / "profile" / "resume-epoch2.txt").read_text()
     second = load_state(result.checkpoint)
     assert [r["epoch"] for r in second["history"]] == [1, 2]
     assert second["history"][0] == row                       # epoch 1 was not trained again
