@@ -329,8 +329,9 @@ class StepProfile:
     a few steps of the run's second epoch (its first if it has one; the first compiles), after
     SKIP steps that let the input and cuDNN's tuning settle. Where a step's time goes, in
     DIR/<run name>-epoch<N>.trace.json.gz, a Chrome trace (ui.perfetto.dev or chrome://tracing) of
-    the training thread's ops and, on GPUs, of every kernel and copy on every stream, the feed's
-    included; and in DIR/<run name>-epoch<N>.txt, the ops by their own time. Nothing without it."""
+    the ops of every thread (the training loop's, the feed's) and, on GPUs, of every kernel, copy
+    and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by their own time.
+    Nothing without it."""
 
     SKIP, STEPS = 10, 5
 
@@ -345,8 +346,12 @@ class StepProfile:
         if job.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.cuda = job.device.type == "cuda"
+        try:  # the feed's threads too, and on GPUs the waits on streams and events (torch >= 2.11 has both)
+            options = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
+        except (AttributeError, TypeError):
+            options = None
         self.prof = torch.profiler.profile(
-            activities=activities, on_trace_ready=self.save,
+            activities=activities, on_trace_ready=self.save, experimental_config=options,
             schedule=torch.profiler.schedule(wait=skip, warmup=1, active=max(1, min(self.STEPS, steps - skip - 1))))
         self.prof.start()
 
