@@ -23,10 +23,12 @@ Images: --photos real photographs (benchmarks/photos.py, varied: 500 pixels on t
 short side 375 for half of them and 300 to 450 for the others, q90), linked under new names up to
 --images training images in --classes classes, written as shards; decoding the same bytes twice
 costs what two photos do. ImageNet's 1000 classes: the product's ResNet-50 is then the ceiling's,
-whose compile it takes from inductor's cache instead of compiling it again. `ratio: X` is (4) / the ceiling: printed after (4) against (1), and again as the last line
-against the fastest of (1) and (6), so a run stopped early keeps its first.
-`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it. `--rows 5,6`
-runs those rows alone (1 as well for 3 and 4): what a run stopped by its time limit did not reach.
+whose compile it takes from inductor's cache instead of compiling it again.
+`ratio: X` is (4) / the ceiling: printed after (4) against (1), and again as the last line against
+the fastest of (1) and (6), so a run stopped early keeps its first. --profile DIR: 5 steps of the
+product's second epoch profiled into DIR (RAY_RESNET_PROFILE, docs/gpu.md).
+`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it. `--rows
+5,6` runs those rows alone (1 as well for 3 and 4): what a run stopped by its time limit did not reach.
 On a GPU machine without Ray or MLflow: benchmarks/gpu_check.sh (installs the carried wheels first).
 """
 from __future__ import annotations
@@ -212,6 +214,8 @@ def product_rate(shards: Path, a, home: Path, device) -> float:
             and len(line.split()) >= len(TABLE)]
     if len(rows) != a.epochs:
         raise SystemExit(f"pipelines.train printed {len(rows)} epoch rows, expected {a.epochs}")
+    for path in sorted(a.profile.glob("gpu-throughput-epoch*")) if a.profile else ():
+        print(f"   profile: {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
     return float(rows[-1][column])
 
 
@@ -326,7 +330,8 @@ def main() -> None:
                 product = row(f"pipelines.train, epoch {a.epochs}", product_rate(shards, a, Path(tmp) / "home", device))
                 print(f"ratio: {product / best_rate:.2f}   (against the ceiling of 1)", flush=True)
             if "4b" in a.rows:
-                print("\n4b. the same for one epoch with RAY_RESNET_CHECK_SYNCS=1 (eager): does a step wait for the GPU?")
+                print("\n4b. the same for one epoch with RAY_RESNET_CHECK_SYNCS=1 (eager): does a step wait for the "
+                      "GPU?")
                 print(f"host syncs: {host_syncs(shards, a, Path(tmp) / 'home', device)}", flush=True)
 
     if "5" in a.rows:

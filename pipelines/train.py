@@ -328,10 +328,10 @@ class StepProfile:
     """With RAY_RESNET_PROFILE=DIR in the driver's environment: rank 0 records torch.profiler over
     a few steps of the run's second epoch (its first if it has one; the first compiles), after
     SKIP steps that let the input and cuDNN's tuning settle. Where a step's time goes, in
-    DIR/<run name>-epoch<N>.trace.json.gz, a Chrome trace (ui.perfetto.dev or chrome://tracing) of
-    the ops of every thread (the training loop's, the feed's) and, on GPUs, of every kernel, copy
-    and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by their own time.
-    Nothing without it."""
+    DIR/<run name>-epoch<N>.trace.json.gz on rank 0's node, a Chrome trace (ui.perfetto.dev or
+    chrome://tracing) of the ops of every thread (the training loop's, the feed's) and, on GPUs, of
+    every kernel, copy and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by
+    their own time. Nothing without it."""
 
     SKIP, STEPS = 10, 5
 
@@ -693,7 +693,8 @@ def closing_summary(cfg: Config, result, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, "Train a ResNet with DDP on Ray Train (see ray_config.yaml).", prog="python -m pipelines.train")
+    cfg = parse_cli(argv, "Train a ResNet with DDP on Ray Train (see ray_config.yaml).",
+                    prog="python -m pipelines.train")
     t0 = time.perf_counter()
     with cli_errors():
         result = fit(cfg)
