@@ -244,7 +244,7 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     upcoming, job.upcoming = job.upcoming, None
     batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows)
-    audit, profile = RowAudit(job, ep), StepProfile(job, ep)
+    audit, profile = RowAudit(job, ep), StepProfile(job, ep, say)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
     try:
@@ -331,38 +331,57 @@ class StepProfile:
     DIR/<run name>-epoch<N>.trace.json.gz on rank 0's node, a Chrome trace (ui.perfetto.dev or
     chrome://tracing) of the ops of every thread (the training loop's, the feed's) and, on GPUs, of
     every kernel, copy and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by
-    their own time. Nothing without it."""
+    their own time. Nothing without it. A profiler that fails is said on the console, and the
+    epoch trains on: a diagnostic never stops a run."""
 
     SKIP, STEPS = 10, 5
 
-    def __init__(self, job: Job, ep: "Epoch"):
-        self.prof, self.epoch = None, ep.epoch
+    def __init__(self, job: Job, ep: "Epoch", say: WorkerConsole):
+        self.prof, self.epoch, self.say = None, ep.epoch, say
         self.where, self.name = job.info.get("profile"), job.cfg.run.name
+        self.cuda = job.device.type == "cuda"
         if not self.where or job.rank != 0 or ep.epoch != min(2, job.cfg.schedule.epochs):
             return
         steps = ep.steps - ep.start
         skip = min(self.SKIP, steps // 3)
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if job.device.type == "cuda":
+        if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.cuda = job.device.type == "cuda"
         try:  # the feed's threads too, and on GPUs the waits on streams and events (torch >= 2.11 has both)
             options = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
         except (AttributeError, TypeError):
             options = None
-        self.prof = torch.profiler.profile(
-            activities=activities, on_trace_ready=self.save, experimental_config=options,
-            schedule=torch.profiler.schedule(wait=skip, warmup=1, active=max(1, min(self.STEPS, steps - skip - 1))))
-        self.prof.start()
+        try:
+            self.prof = torch.profiler.profile(
+                activities=activities, on_trace_ready=self.save, experimental_config=options,
+                schedule=torch.profiler.schedule(wait=skip, warmup=1, active=max(1, min(self.STEPS, steps - skip - 1)),
+                                                 repeat=1))
+            self.prof.start()
+        except Exception as e:
+            self.failed(e)
 
     def step(self) -> None:
         if self.prof:
-            self.prof.step()
+            try:
+                self.prof.step()
+            except Exception as e:
+                self.failed(e)
 
     def close(self) -> None:
         if self.prof:
-            self.prof.stop()
+            try:
+                self.prof.stop()
+            except Exception as e:
+                self.failed(e)
             self.prof = None
+
+    def failed(self, e: Exception) -> None:
+        prof, self.prof = self.prof, None
+        if prof is not None:
+            with contextlib.suppress(Exception):  # not left recording for the rest of the epoch
+                prof.stop()
+        self.say.line(f"RAY_RESNET_PROFILE={self.where}: no profile of epoch {self.epoch} ({type(e).__name__}: {e}); "
+                      "training goes on")
 
     def save(self, prof) -> None:
         os.makedirs(self.where, exist_ok=True)

@@ -19,7 +19,7 @@ from pipelines.config import Config, ConfigError, ScheduleSection, load_config
 from pipelines.checkpoint import load_state
 from pipelines.plan import rank_batches
 from pipelines.recipe import Numerics, lr_factor, make_optimizer, step_forward, train_step, unwrap
-from pipelines.train import fit
+from pipelines.train import StepProfile, fit
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
 
@@ -570,3 +570,35 @@ def test_the_epoch_logger_on_rays_controller_uses_the_drivers_mlflow_settings(tm
     monkeypatch.setattr(T, "EpochLog", Log)
     callback.after_report(None, [{"epoch": 1, "val_error": 0.5}], SimpleNamespace(path=f"{tmp_path}/checkpoint_x"))
     assert seen == ["from-the-driver", 1]
+
+
+def test_a_profile_is_five_steps_of_the_second_epoch_and_a_failing_one_never_stops_training(tmp_path):
+    from types import SimpleNamespace as NS
+    said = []
+    say = NS(line=said.append)
+
+    def run(where, epoch, epochs=3, rank=0, steps=30):
+        job = NS(info={"profile": str(where)}, cfg=NS(run=NS(name="r"), schedule=NS(epochs=epochs)), rank=rank,
+                 device=torch.device("cpu"))
+        profile = StepProfile(job, NS(epoch=epoch, steps=steps, start=0), say)
+        x = torch.ones(8, 8)
+        for _ in range(steps):
+            x = x @ x / 8
+            profile.step()
+        profile.close()
+
+    run(tmp_path / "p", epoch=1)                   # not the second epoch
+    run(tmp_path / "p", epoch=2, rank=1)           # not rank 0
+    assert not (tmp_path / "p").exists()
+    run(tmp_path / "p", epoch=2)
+    with gzip.open(tmp_path / "p" / "r-epoch2.trace.json.gz") as f:
+        events = json.load(f)["traceEvents"]
+    assert sum(str(e.get("name", "")).startswith("ProfilerStep#") for e in events) == 5
+    assert "aten::mm" in (tmp_path / "p" / "r-epoch2.txt").read_text()
+    run(tmp_path / "p", epoch=1, epochs=1)         # a run of one epoch profiles its first
+    assert (tmp_path / "p" / "r-epoch1.txt").exists() and not said
+
+    (tmp_path / "file").write_text("")             # a folder that cannot be made: said, and the loop goes on
+    run(tmp_path / "file", epoch=2)
+    assert len(said) == 1 and said[0].startswith(f"RAY_RESNET_PROFILE={tmp_path / 'file'}: no profile of epoch 2 (")
+    assert said[0].endswith("; training goes on")
