@@ -27,8 +27,9 @@ whose compile it takes from inductor's cache instead of compiling it again.
 `ratio: X` is (4) / the ceiling: printed after (4) against (1), and again as the last line against
 the fastest of (1) and (6), so a run stopped early keeps its first. --profile DIR: 5 steps of the
 product's second epoch profiled into DIR (RAY_RESNET_PROFILE, docs/gpu.md).
-`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it. `--rows
-5,6` runs those rows alone (1 as well for 3 and 4): what a run stopped by its time limit did not reach.
+`--device cpu --smoke` runs every row small on a CPU, to check the script, not to time it.
+`--rows 5,6` runs those rows alone (1 as well for 3 and 4): what a run stopped by its time limit did
+not reach.
 On a GPU machine without Ray or MLflow: benchmarks/gpu_check.sh (installs the carried wheels first).
 """
 from __future__ import annotations
