@@ -11,3 +11,5 @@ if [ -z "${PYTHON:-}" ]; then
   [ -n "${PYTHON:-}" ] || { echo "$(basename "$0"): neither python3 nor python on the PATH imports torch; set PYTHON=..." >&2; exit 1; }
 fi
 DEFAULT_SITE=/tmp/ray-resnet-site
+# an absolute SITE: the scripts change folder, and Ray's processes start in folders of their own
+if [ -n "${SITE:-}" ]; then SITE=$(realpath -m "$SITE"); fi

@@ -235,10 +235,11 @@ ROWS = ("1", "2", "3", "4", "4b", "5", "6")
 
 
 def rows_arg(text: str) -> set[str]:
+    """--rows: the rows named, and 1 with 3 or 4, which are read against it."""
     rows = {r.strip() for r in text.split(",") if r.strip()}
     if not rows or rows - set(ROWS):
         raise argparse.ArgumentTypeError(f"{text!r}: give rows from {','.join(ROWS)}, comma-separated")
-    return rows
+    return rows | ({"1"} if {"3", "4"} & rows else set())
 
 
 def main() -> None:
@@ -261,15 +262,16 @@ def main() -> None:
                    help="scaling.cpus_per_worker of the product's run: the training process's share (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (rows and the product's run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs (CPU)")
-    p.add_argument("--profile", type=Path, metavar="DIR",
+    p.add_argument("--profile", type=lambda text: Path(text).resolve(), metavar="DIR",
                    help="profile a few steps of the product's second epoch (row 4) into DIR: a Chrome trace and "
                         "a table of ops (RAY_RESNET_PROFILE, docs/gpu.md)")
     p.add_argument("--rows", default=",".join(ROWS), type=rows_arg,
                    help="the rows to run, e.g. 5,6 to finish a run its time limit stopped (default: all); 1 runs "
                         "too with 3 or 4, which are read against it")
     a = p.parse_args()
-    if {"3", "4"} & a.rows:
-        a.rows.add("1")
+    if not a.smoke and (a.classes > min(a.photos, a.images) or a.images < 2 * a.classes + 1):
+        p.error(f"--classes {a.classes}: give at most --photos ({a.photos}) classes, and --images ({a.images}) at "
+                "least twice as many plus one (a training and a validation image of each class)")
     a.depth, a.size = 50, 224
     if a.smoke:
         a.batch, a.steps, a.warmup, a.photos, a.images, a.classes, a.no_compile = 4, 2, 1, 16, 64, 4, True
@@ -344,7 +346,9 @@ def main() -> None:
             print(f"cifar_resnet{depth:<40} {rate:>9,.0f} img/s   {50_000 / rate:,.1f} s per 50,000-image epoch",
                   flush=True)
 
-    if "6" in a.rows and not a.no_compile:
+    if "6" in a.rows and a.no_compile:
+        print("\n6. not run: CUDA graphs are a compile mode, and --no-compile is given")
+    elif "6" in a.rows:
         print(f"\n6. {model} on synthetic data with CUDA graphs")
         _, graphs = synthetic([("bf16 + channels_last + fused SGD + CUDA graphs", True, True, "reduce-overhead",
                                 cuda)])

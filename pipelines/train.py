@@ -244,9 +244,10 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
     sums = torch.zeros(3, dtype=torch.float64, device=job.device)  # loss sum, wrong, images
     upcoming, job.upcoming = job.upcoming, None
     batches = (upcoming and upcoming.take(ep.epoch, ep.rows)) or training_batches(job, ep.epoch, ep.rows)
-    audit, profile = RowAudit(job, ep), StepProfile(job, ep, say)
+    audit = RowAudit(job, ep)
     share = cfg.data.batch_size / job.world
     say.start_epoch(ep.epoch, (ep.steps - ep.start) * cfg.data.batch_size)
+    profile = StepProfile(job, ep, say)
     try:
         for s in range(ep.start + 1, ep.steps + 1):
             tw = time.perf_counter()
@@ -277,9 +278,9 @@ def train_epoch(job: Job, say: WorkerConsole) -> tuple[dict, dict]:
                 save_and_report(job, {"epoch": ep.epoch, "step": s, "partial": True, "val_error": PARTIAL_VAL_ERROR})
                 ep.last_save = time.monotonic()
     finally:
+        profile.close()
         batches.close()
         audit.close()
-        profile.close()
     job.epoch += 1
     job.partial = None
     loss_sum, wrong, seen, skipped, train_time, wait_s = epoch_totals(job, ep, sums, skipped,
@@ -326,11 +327,12 @@ class RowAudit:
 
 class StepProfile:
     """With RAY_RESNET_PROFILE=DIR in the driver's environment: rank 0 records torch.profiler over
-    a few steps of the run's second epoch (its first if it has one; the first compiles), after
-    SKIP steps that let the input and cuDNN's tuning settle. Where a step's time goes, in
-    DIR/<run name>-epoch<N>.trace.json.gz on rank 0's node, a Chrome trace (ui.perfetto.dev or
-    chrome://tracing) of the ops of every thread (the training loop's, the feed's) and, on GPUs, of
-    every kernel, copy and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by
+    STEPS steps of the run's second epoch (its first if it has only one; the first compiles), after
+    up to SKIP steps that let the input and cuDNN's tuning settle and one of warm-up; not in an
+    epoch (or what a resumed start has left of it) shorter than STEPS + 2. Where a step's time
+    goes, in DIR/<run name>-epoch<N>.trace.json.gz on rank 0's node, a Chrome trace (ui.perfetto.dev
+    or chrome://tracing) of the ops of every thread (the training loop's, the feed's) and, on GPUs,
+    of every kernel, copy and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by
     their own time. Nothing without it. A profiler that fails is said on the console, and the
     epoch trains on: a diagnostic never stops a run."""
 
@@ -343,7 +345,11 @@ class StepProfile:
         if not self.where or job.rank != 0 or ep.epoch != min(2, job.cfg.schedule.epochs):
             return
         steps = ep.steps - ep.start
-        skip = min(self.SKIP, steps // 3)
+        if steps < self.STEPS + 2:
+            say.line(f"RAY_RESNET_PROFILE={self.where}: epoch {self.epoch} has {steps} steps to train here, "
+                     f"fewer than {self.STEPS + 2}: not profiled")
+            return
+        skip = min(self.SKIP, steps - self.STEPS - 1)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -354,8 +360,7 @@ class StepProfile:
         try:
             self.prof = torch.profiler.profile(
                 activities=activities, on_trace_ready=self.save, experimental_config=options,
-                schedule=torch.profiler.schedule(wait=skip, warmup=1, active=max(1, min(self.STEPS, steps - skip - 1)),
-                                                 repeat=1))
+                schedule=torch.profiler.schedule(wait=skip, warmup=1, active=self.STEPS, repeat=1))
             self.prof.start()
         except Exception as e:
             self.failed(e)
@@ -612,12 +617,13 @@ def preflight(cfg: Config) -> dict:
     sc = cfg.scaling
     device = f"{sc.gpus_per_worker:g} GPU each" if sc.gpus_per_worker else "CPUs"
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
+    # folders the workers write to, whose working folder is not this one
+    audit, profile = (os.environ.get(f"RAY_RESNET_{key}") for key in ("AUDIT_ROWS", "PROFILE"))
     return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
             "manifest": manifest, "units": plan.read_units(shards["train"]),
             "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],
-            "audit_rows": os.environ.get("RAY_RESNET_AUDIT_ROWS"),
-            "profile": os.environ.get("RAY_RESNET_PROFILE"),
+            "audit_rows": audit and os.path.abspath(audit), "profile": profile and os.path.abspath(profile),
             "check_syncs": os.environ.get("RAY_RESNET_CHECK_SYNCS", "") not in ("", "0"),
             "description": f"{cfg.model.name} ({stats['params']:,} parameters) on {directory}: {rows['train']:,} "
                            f"training / {rows['val']:,} validation images, {classes} classes; "

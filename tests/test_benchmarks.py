@@ -33,7 +33,7 @@ def test_the_gpu_benchmark_runs_every_path_small_on_a_cpu(tmp_path):
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
 
 
-def test_the_gpu_benchmark_runs_only_the_rows_asked_for(tmp_path):
+def test_the_gpu_benchmark_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
     """--rows finishes what a time limit stopped: here row 5 alone, no ceiling, no shards, no ratio."""
     run = [sys.executable, "gpu_throughput.py", "--device", "cpu", "--smoke", "--workers", "1", "--rows"]
     out = subprocess.run([*run, "5"], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300,
@@ -45,6 +45,9 @@ def test_the_gpu_benchmark_runs_only_the_rows_asked_for(tmp_path):
     assert not any(line.startswith(("ratio", "(shards")) for line in lines)
     bad = subprocess.run([*run, "4,7"], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "'4,7': give rows from 1,2,3,4,4b,5,6" in bad.stderr, bad.stderr
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_throughput import rows_arg
+    assert rows_arg("3") == {"1", "3"} and rows_arg("4, 5") == {"1", "4", "5"} and rows_arg("4b,6") == {"4b", "6"}
 
 
 def test_the_input_benchmark_runs_small_and_ends_with_its_ratio(tmp_path):

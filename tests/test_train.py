@@ -577,26 +577,38 @@ def test_a_profile_is_five_steps_of_the_second_epoch_and_a_failing_one_never_sto
     said = []
     say = NS(line=said.append)
 
-    def run(where, epoch, epochs=3, rank=0, steps=30):
+    def run(where, epoch, epochs=3, rank=0, steps=30, start=0, fail_at=None):
         job = NS(info={"profile": str(where)}, cfg=NS(run=NS(name="r"), schedule=NS(epochs=epochs)), rank=rank,
                  device=torch.device("cpu"))
-        profile = StepProfile(job, NS(epoch=epoch, steps=steps, start=0), say)
+        profile = StepProfile(job, NS(epoch=epoch, steps=steps, start=start), say)
         x = torch.ones(8, 8)
-        for _ in range(steps):
-            x = x @ x / 8
-            profile.step()
-        profile.close()
+        try:
+            for s in range(start + 1, steps + 1):
+                if s == fail_at:
+                    raise RuntimeError("a step failed")
+                x = x @ x / 8
+                profile.step()
+        finally:
+            profile.close()
+        assert not torch.autograd.profiler._is_profiler_enabled  # never left recording
+
+    def steps_in(name):
+        with gzip.open(tmp_path / "p" / name) as f:
+            return sorted(e["name"] for e in json.load(f)["traceEvents"] if str(e.get("name")).startswith("ProfilerStep#"))
 
     run(tmp_path / "p", epoch=1)                   # not the second epoch
     run(tmp_path / "p", epoch=2, rank=1)           # not rank 0
     assert not (tmp_path / "p").exists()
-    run(tmp_path / "p", epoch=2)
-    with gzip.open(tmp_path / "p" / "r-epoch2.trace.json.gz") as f:
-        events = json.load(f)["traceEvents"]
-    assert sum(str(e.get("name", "")).startswith("ProfilerStep#") for e in events) == 5
+    run(tmp_path / "p", epoch=2)                   # after 10 steps and one of warm-up, 5
+    assert steps_in("r-epoch2.trace.json.gz") == [f"ProfilerStep#{i}" for i in range(11, 16)]
     assert "aten::mm" in (tmp_path / "p" / "r-epoch2.txt").read_text()
-    run(tmp_path / "p", epoch=1, epochs=1)         # a run of one epoch profiles its first
-    assert (tmp_path / "p" / "r-epoch1.txt").exists() and not said
+    run(tmp_path / "p", epoch=1, epochs=1, steps=17, start=10)  # a one-epoch run's first; the 7 steps left
+    assert steps_in("r-epoch1.trace.json.gz") == [f"ProfilerStep#{i}" for i in range(2, 7)] and not said
+    run(tmp_path / "q", epoch=2, steps=16, start=10)  # 6 steps left: too few for 5 after a warm-up one
+    assert not (tmp_path / "q").exists() and said.pop().endswith("epoch 2 has 6 steps to train here, fewer than 7: "
+                                                                 "not profiled")
+    with pytest.raises(RuntimeError, match="a step failed"):
+        run(tmp_path / "p", epoch=2, fail_at=13)   # the loop's own error goes on; the profiler stops
 
     (tmp_path / "file").write_text("")             # a folder that cannot be made: said, and the loop goes on
     run(tmp_path / "file", epoch=2)
