@@ -366,19 +366,19 @@ class StepProfile:
             self.failed(e)
 
     def step(self) -> None:
-        if self.prof:
-            try:
-                self.prof.step()
-            except Exception as e:
-                self.failed(e)
+        self.guarded(lambda prof: prof.step())
 
     def close(self) -> None:
+        self.guarded(lambda prof: prof.stop())
+        self.prof = None
+
+    def guarded(self, action) -> None:
+        """action(the profiler), while one records; a failure is said and ends the profile."""
         if self.prof:
             try:
-                self.prof.stop()
+                action(self.prof)
             except Exception as e:
                 self.failed(e)
-            self.prof = None
 
     def failed(self, e: Exception) -> None:
         prof, self.prof = self.prof, None
