@@ -315,6 +315,14 @@ class Config(Section):
             raise ValueError(f"data.shuffle_buffer={self.data.shuffle_buffer}: at least twice a worker's "
                              f"batch ({self.largest_worker_batch}), i.e. {2 * self.largest_worker_batch} or "
                              "more, or 0 for none")
+        sc, most = self.scaling, self.largest_worker_batch
+        if sc.compile in ("reduce-overhead", "max-autotune") and sc.max_worker_batch and most > sc.max_worker_batch:
+            # CUDA graphs hand out a micro-batch's gradients in memory the next micro-batch's replay
+            # overwrites: the sum is wrong (pytorch/pytorch#96693, #169545)
+            raise ValueError(f"scaling.compile={sc.compile} runs the model as CUDA graphs, which lose all but the "
+                             f"last micro-batch's gradients: a worker's batch of {most} is split by "
+                             f"scaling.max_worker_batch={sc.max_worker_batch}. Use scaling.compile=on, or a "
+                             f"max_worker_batch of {most} or more, or more workers")
         return self
 
     @model_validator(mode="after")

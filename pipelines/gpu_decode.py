@@ -189,9 +189,11 @@ class BatchAugment:
                  channels_last: bool = False, generator: torch.Generator | None = None):
         self.data, self.train, self.device, self.rng = data, train, device, rng
         self.channels_last, self.generator = channels_last, generator
-        std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-        self.scale = 1 / (255 * std)
-        self.shift = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) / std
+        # made on the host and copied (a blocking copy): the feed's stream, which reads them, does
+        # not wait for the stream of the thread that builds this
+        std = torch.tensor(data.std).view(1, 3, 1, 1)
+        self.scale = (1 / (255 * std)).to(device)
+        self.shift = (torch.tensor(data.mean).view(1, 3, 1, 1) / std).to(device)
 
     def __call__(self, batch: dict, keep_one: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.augment(self.decode(batch), keep_one)

@@ -39,6 +39,16 @@ def make_optimizer(model: nn.Module, optim: OptimSection, global_batch: int) -> 
                            momentum=optim.momentum, nesterov=optim.nesterov, **({"fused": True} if fused else {}))
 
 
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state into opt, keeping opt's kernels: torch's load_state_dict also
+    takes the saved groups' fused and foreach flags, so a run checkpointed on CPUs and resumed on
+    GPUs would step unfused."""
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, flags in zip(opt.param_groups, kernels):
+        group.update(flags)
+
+
 def lr_factor(step: int, steps_per_epoch: int, s: ScheduleSection) -> float:
     """Multiplier of the peak learning rate at an iteration: step or cosine decay, linear warm-up."""
     epoch = step / steps_per_epoch
@@ -132,9 +142,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.G
                 loss = F.cross_entropy(out, ys, ignore_index=-1, reduction="sum",
                                        label_smoothing=cfg.optim.label_smoothing)
             scaler.scale(loss / divisor).backward()
-        # a copy when there are several: with CUDA graphs (compile mode reduce-overhead) the next
-        # replay overwrites the previous one's outputs
-        logits.append(out.detach() if parts == 1 else out.detach().clone())
+        logits.append(out.detach())
         total = total + loss.detach()
     scaler.step(opt)
     scaler.update()

@@ -37,8 +37,8 @@ from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
-from pipelines.recipe import (NoHostSync, Numerics, Schedule, all_gather, all_reduce, make_optimizer, numerics,
-                              step_forward, train_step, unwrap, validation_counts)
+from pipelines.recipe import (NoHostSync, Numerics, Schedule, all_gather, all_reduce, load_optimizer, make_optimizer,
+                              numerics, step_forward, train_step, unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
 from pipelines.runtime import check_cluster, driver_settings, start_ray
 from pipelines.shards import ShardError, check_shards, fs_and_path, load_manifest, storage_error, storage_hint
@@ -73,6 +73,7 @@ class Job:
     preemption: tuple | None = None  # the preemption notice already checkpointed for
     upcoming: "Upcoming | None" = None  # the next epoch's batches, started before this one's checkpoint
     check: type = contextlib.nullcontext  # what each step runs in: NoHostSync with RAY_RESNET_CHECK_SYNCS=1
+    unchecked: str = ""          # why RAY_RESNET_CHECK_SYNCS=1 cannot check these steps: ops in them that sync
 
     @property
     def net(self) -> nn.Module:
@@ -103,10 +104,21 @@ def build(cfg: Config, info: dict) -> Job:
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
+    unchecked = unchecked_syncs(cfg, num, world)
     return Job(cfg, info, rank, world, device, num, model, step_forward(model, num, device), opt,
                torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16), Schedule(opt, cfg, steps_per_epoch),
-               # not with fp16: its GradScaler reads back whether the gradients overflowed, each step
-               check=NoHostSync if info.get("check_syncs") and num.amp != torch.float16 else contextlib.nullcontext)
+               check=NoHostSync if info.get("check_syncs") and not unchecked else contextlib.nullcontext,
+               unchecked=unchecked)
+
+
+def unchecked_syncs(cfg: Config, num: Numerics, world: int) -> str:
+    """Why RAY_RESNET_CHECK_SYNCS=1 cannot check this run's steps: ops in them that sync by design
+    ("" when it can)."""
+    if num.amp == torch.float16:
+        return "fp16's loss scaling reads back at each step whether the gradients overflowed"
+    if cfg.scaling.sync_batchnorm and world > 1:  # with one worker it is plain BatchNorm
+        return "torch's SyncBatchNorm indexes with a boolean mask in every BatchNorm layer"
+    return ""
 
 
 def restore(job: Job, ckpt) -> None:
@@ -116,8 +128,9 @@ def restore(job: Job, ckpt) -> None:
         state = load_state(d, need=checkpoint.STATE_KEYS)
         checkpoint.restore_rng(d, job.rank)
     job.net.load_state_dict(state["model"])
-    job.opt.load_state_dict(state["optimizer"])
-    job.scaler.load_state_dict(state["scaler"])
+    load_optimizer(job.opt, state["optimizer"])
+    if state["scaler"]:  # a disabled scaler (no fp16) saved none: an fp16 resume starts scaling afresh
+        job.scaler.load_state_dict(state["scaler"])
     job.epoch, job.step, job.schedule.warming, job.history = (state[k] for k in ("epoch", "step", "warming", "history"))
     job.partial = state.get("partial")
 
@@ -464,6 +477,7 @@ def train_loop(config: dict) -> None:
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
              + (", host syncs checked" + (" (so it runs eagerly)" if job.numerics.compile else "")
                 if job.check is NoHostSync else "")
+             + (f", host syncs not checked ({job.unchecked})" if config.get("check_syncs") and job.unchecked else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch or job.partial else ""))

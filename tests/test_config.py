@@ -149,6 +149,10 @@ def test_dotted_overrides_are_typed():
     (["data.shuffle_buffer=100"], "data.shuffle_buffer=100: at least twice a worker's batch (64), i.e. 128 or more"),
     (["data.decode=nvjpeg"], "data.decode=nvjpeg: Input should be 'auto', 'cpu' or 'gpu'"),
     (["scaling.compile=fast"], "scaling.compile=fast: Input should be 'auto', 'on', 'off', 'reduce-overhead'"),
+    (["scaling.compile=reduce-overhead", "scaling.max_worker_batch=32"],
+     "scaling.compile=reduce-overhead runs the model as CUDA graphs, which lose all but the last micro-batch's "
+     "gradients: a worker's batch of 64 is split by scaling.max_worker_batch=32. Use scaling.compile=on, or a "
+     "max_worker_batch of 64 or more"),
     (["model"], "override 'model': write overrides as key=value"),
     (["model=resnet50"], "model is a section; override one of its keys"),
 ])

@@ -18,8 +18,8 @@ import yaml
 from pipelines.config import Config, ConfigError, ScheduleSection, load_config
 from pipelines.checkpoint import load_state
 from pipelines.plan import rank_batches
-from pipelines.recipe import Numerics, lr_factor, make_optimizer, step_forward, train_step, unwrap
-from pipelines.train import StepProfile, fit
+from pipelines.recipe import Numerics, load_optimizer, lr_factor, make_optimizer, step_forward, train_step, unwrap
+from pipelines.train import StepProfile, fit, unchecked_syncs
 from resnet_models import build_model
 from tests.conftest import CONFIG, ROOT
 
@@ -410,6 +410,31 @@ def test_lr_scales_with_global_batch_and_bn_bias_can_skip_decay():
     assert all(p.ndim == 4 or p.ndim == 2 for p in decay["params"]) and no_decay["weight_decay"] == 0
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters())
+
+
+def test_a_resumed_optimizer_keeps_its_own_kernels_and_the_checkpoints_momentum():
+    """A run checkpointed on CPUs (SGD unfused) and resumed on GPUs (fused): torch's load_state_dict
+    alone would take the saved flags too, and step unfused."""
+    model = torch.nn.Linear(4, 2)
+    saved = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    model(torch.randn(3, 4)).sum().backward()
+    saved.step()
+    resumed = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)  # fused runs on CPUs too
+    load_optimizer(resumed, saved.state_dict())
+    assert (resumed.param_groups[0]["fused"], resumed.param_groups[0]["foreach"]) == (True, None)
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["momentum_buffer"], saved.state[p]["momentum_buffer"])
+
+
+def test_only_ops_that_sync_by_design_keep_a_run_from_checking_host_syncs():
+    """RAY_RESNET_CHECK_SYNCS=1 would stop these runs at their first step: their start line says why
+    they are not checked instead."""
+    gpu = Config.model_validate({"scaling": {"gpus_per_worker": 1, "sync_batchnorm": True}})
+    bf16, fp16 = Numerics(torch.bfloat16, True), Numerics(torch.float16, True)
+    assert "SyncBatchNorm" in unchecked_syncs(gpu, bf16, world=2)
+    assert unchecked_syncs(gpu, bf16, world=1) == ""  # one worker: plain BatchNorm
+    assert "fp16" in unchecked_syncs(Config(), fp16, world=1)
+    assert unchecked_syncs(Config(), bf16, world=4) == ""
 
 
 def test_undecodable_rows_leave_the_batch_on_the_host_and_a_batch_of_nothing_else_still_steps(tmp_path):
