@@ -33,23 +33,25 @@ def _torchvision():
     from torchvision.io import decode_image as tv_image
     from torchvision.io import decode_jpeg as tv_jpeg
 
+    # Set once for the process, for these two messages alone: warnings.catch_warnings around each
+    # call would swap the process's list of filters from several threads at once (the feed's, Ray
+    # Data's), which can leave "ignore everything" in place for good.
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
+                            DeprecationWarning)  # in favour of TorchCodec, from torchvision 0.29
+    warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)  # the decoders only read
+
     def as_tensor(data):
         """The encoded bytes as a uint8 tensor, not copied (a copy of a batch's JPEGs costs about as
-        much host time as the rest of its augmentation). The decoders only read it; torch's warning
-        that the buffer is read-only is silenced by the callers below."""
+        much host time as the rest of its augmentation). The decoders only read it."""
         return data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
 
     def decode_image(data, mode="RGB"):
-        with warnings.catch_warnings():  # deprecated in favour of TorchCodec from torchvision 0.29
-            warnings.simplefilter("ignore")
-            return tv_image(as_tensor(data), mode=ImageReadMode.RGB)
+        return tv_image(as_tensor(data), mode=ImageReadMode.RGB)
 
     def decode_jpeg(data, mode="RGB", device="cpu"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if isinstance(data, (list, tuple)):
-                return tv_jpeg([as_tensor(d) for d in data], mode=ImageReadMode.RGB, device=device)
-            return tv_jpeg(as_tensor(data), mode=ImageReadMode.RGB, device=device)
+        if isinstance(data, (list, tuple)):
+            return tv_jpeg([as_tensor(d) for d in data], mode=ImageReadMode.RGB, device=device)
+        return tv_jpeg(as_tensor(data), mode=ImageReadMode.RGB, device=device)
 
     return "torchvision", decode_image, decode_jpeg
 

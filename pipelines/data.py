@@ -377,28 +377,31 @@ def prepared(ds, data: DataSection, train: bool, encoded: bool):
     return ds
 
 
+# Arrow-backed arrays are read-only; nothing writes to them (to_device makes a new float tensor).
+# Silenced once for the process, this message alone: warnings.catch_warnings in Ray's collate
+# threads would swap the process's filters from several threads at once (pipelines.codecs).
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+
+
 class Collate(NumpyBatchCollateFn):
-    """Numpy batch -> tensors, no copy; encoded images stay a list of bytes. Arrow-backed arrays are
-    read-only; nothing writes to them (to_device makes a new float tensor), so torch's warning
-    about that is silenced here. pin: the images are copied into page-locked memory (in Ray's
-    collate threads), from which the copy to the GPU runs asynchronously."""
+    """Numpy batch -> tensors, no copy; encoded images stay a list of bytes. pin: the images are
+    copied into page-locked memory (in Ray's collate threads), from which the copy to the GPU runs
+    asynchronously."""
 
     def __init__(self, pin: bool = False):
         super().__init__()
         self.pin = pin
 
     def __call__(self, batch: dict) -> dict:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            image = batch["image"]
-            if image.dtype != object:
-                image = torch.from_numpy(image)
-                if self.pin:
-                    image = image.pin_memory()
-            out = {"image": image, "label": torch.from_numpy(batch["label"]), "key": list(batch["key"])}
-            if "idx" in batch:
-                out["idx"] = np.asarray(batch["idx"], np.int64)  # stays on the host: what a checkpoint records
-            return out
+        image = batch["image"]
+        if image.dtype != object:
+            image = torch.from_numpy(image)
+            if self.pin:
+                image = image.pin_memory()
+        out = {"image": image, "label": torch.from_numpy(batch["label"]), "key": list(batch["key"])}
+        if "idx" in batch:
+            out["idx"] = np.asarray(batch["idx"], np.int64)  # stays on the host: what a checkpoint records
+        return out
 
 
 def usable_rows(batch: dict, keep_one: bool = False) -> tuple[dict, int]:

@@ -265,10 +265,42 @@ torch.save({{"jpeg": codecs.decode_image(d.joinpath("a.jpg").read_bytes()),
            d / "out.pt")
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:pipelines"})
+                         env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning,error::UserWarning"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["torchvision"]
     got = torch.load(tmp_path / "out.pt")
     here = codecs.decode_image(jpeg)
     assert torch.equal(got["jpeg"], here) and torch.equal(got["png"], codecs.decode_image(png))
     assert all(torch.equal(b, here) for b in got["batch"])
+
+
+def test_decoding_on_several_threads_leaves_the_processs_warning_filters_alone(tmp_path):
+    """The feed's threads and Ray Data's collate threads decode and convert at once. With
+    warnings.catch_warnings around each call, one thread's exit could restore another's "ignore
+    everything", silencing every warning in the worker for good (seen here in 2 of 3 runs)."""
+    (tmp_path / "a.jpg").write_bytes(photo(64, 64, 0))
+    script = f"""
+import sys, threading, warnings
+import numpy as np, torch
+sys.modules["torchcodec"] = None  # the torchvision decoders, as on a machine without TorchCodec
+from pathlib import Path
+from pipelines import codecs
+from pipelines.data import Collate
+jpeg = Path({str(tmp_path)!r}).joinpath("a.jpg").read_bytes()
+batch = {{"image": np.zeros((4, 8, 8, 3), np.uint8), "label": np.zeros(4, np.int64), "key": np.array(["a"] * 4, object)}}
+for a in (batch["image"], batch["label"]):
+    a.flags.writeable = False  # as Arrow's buffers are
+before, collate = list(warnings.filters), Collate()
+def work(i):
+    for _ in range(300):
+        codecs.decode_jpegs([jpeg] * 4, torch.device("cpu")) if i % 2 else collate(batch)
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(warnings.filters == before, warnings.filters[0])
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("True"), out.stdout
