@@ -427,7 +427,7 @@ def test_a_resumed_optimizer_keeps_its_own_kernels_and_the_checkpoints_momentum(
 
 
 def test_only_ops_that_sync_by_design_keep_a_run_from_checking_host_syncs():
-    """RAY_RESNET_CHECK_SYNCS=1 would stop these runs at their first step: their start line says why
+    """RAY_RESNET_CHECK_SYNCS=1 would stop these runs at their third step: their start line says why
     they are not checked instead."""
     gpu = Config.model_validate({"scaling": {"gpus_per_worker": 1, "sync_batchnorm": True}})
     bf16, fp16 = Numerics(torch.bfloat16, True), Numerics(torch.float16, True)
