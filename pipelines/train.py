@@ -73,7 +73,6 @@ class Job:
     preemption: tuple | None = None  # the preemption notice already checkpointed for
     upcoming: "Upcoming | None" = None  # the next epoch's batches, started before this one's checkpoint
     check: type = contextlib.nullcontext  # what each step runs in: NoHostSync with RAY_RESNET_CHECK_SYNCS=1
-    unchecked: str = ""          # why RAY_RESNET_CHECK_SYNCS=1 cannot check these steps: ops in them that sync
 
     @property
     def net(self) -> nn.Module:
@@ -104,11 +103,10 @@ def build(cfg: Config, info: dict) -> Job:
     model = ray.train.torch.prepare_model(model)  # on the device; DDP (NCCL on GPUs, gloo on CPUs)
     opt = make_optimizer(model, cfg.optim, cfg.data.batch_size)
     steps_per_epoch = plan.steps_per_epoch(info["train_rows"], cfg.data.batch_size)
-    unchecked = unchecked_syncs(cfg, num, world)
     return Job(cfg, info, rank, world, device, num, model, step_forward(model, num, device), opt,
                torch.amp.GradScaler(device.type, enabled=num.amp == torch.float16), Schedule(opt, cfg, steps_per_epoch),
-               check=NoHostSync if info.get("check_syncs") and not unchecked else contextlib.nullcontext,
-               unchecked=unchecked)
+               check=NoHostSync if info.get("check_syncs") and not unchecked_syncs(cfg, num, world)
+               else contextlib.nullcontext)
 
 
 def unchecked_syncs(cfg: Config, num: Numerics, world: int) -> str:
@@ -468,6 +466,7 @@ def train_loop(config: dict) -> None:
     gauges = Gauges(cfg.run.name, job.rank)
     workers = all_gather((ray.get_runtime_context().get_node_id(), time.strftime("%Y-%m-%d_%H-%M-%S")))
     nodes, job.attempt = len({node for node, _ in workers}), workers[0][1]
+    unchecked = unchecked_syncs(cfg, job.numerics, job.world) if config.get("check_syncs") else ""
     decoding = f"decoded on the {job.device.type}" if cfg.decode_on_device else "decoded by Ray Data on CPUs"
     per_worker = sorted(set(plan.rank_batches(cfg.data.batch_size, job.world)), reverse=True)
     limit = cfg.scaling.max_worker_batch
@@ -477,7 +476,7 @@ def train_loop(config: dict) -> None:
              + (f", compiled ({job.numerics.compile})" if job.numerics.compile else "")
              + (", host syncs checked" + (" (so it runs eagerly)" if job.numerics.compile else "")
                 if job.check is NoHostSync else "")
-             + (f", host syncs not checked ({job.unchecked})" if config.get("check_syncs") and job.unchecked else "")
+             + (f", host syncs not checked ({unchecked})" if unchecked else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
              + (" (resumed)" if job.epoch or job.partial else ""))
