@@ -46,12 +46,13 @@ class _Failed(NamedTuple):
 
 
 def device_batches(batches: Iterable, prepare: Callable[[dict], DeviceBatch | None], device: torch.device,
-                   ahead: int = 2):
+                   ahead: int = 2, label: str = "feed: prepare"):
     """prepare(batch) for each host batch, up to ahead batches in advance (0: in this thread, one
     at a time). A batch for which prepare returns None is left out. An error in the thread is
-    raised here, in the consumer's thread. With ahead, the work starts now, not at the first next()."""
+    raised here, in the consumer's thread. With ahead, the work starts now, not at the first next().
+    label names the thread's work in a profile (pipelines/profiling.py names the thread by it)."""
     if ahead > 0:
-        return Prefetch(batches, prepare, device, ahead)
+        return Prefetch(batches, prepare, device, ahead, label)
     return (out for batch in batches if (out := prepare(batch)) is not None)
 
 
@@ -59,8 +60,8 @@ class Prefetch:
     """device_batches' iterator with a thread that prepares ahead on a CUDA stream of its own.
     close() stops the thread (train_epoch's finally, or an epoch started early and not used)."""
 
-    def __init__(self, batches: Iterable, prepare: Callable, device: torch.device, ahead: int):
-        self.cuda = device.type == "cuda"
+    def __init__(self, batches: Iterable, prepare: Callable, device: torch.device, ahead: int, label: str):
+        self.cuda, self.label = device.type == "cuda", label
         if self.cuda and device.index is None:  # "cuda" means the current device of each thread: pin it down
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.prepare = device, prepare
@@ -91,7 +92,8 @@ class Prefetch:
             # The source too is read on the side stream: it may be another Prefetch (decode, then augment).
             with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
                 for batch in self.source:
-                    out = self.prepare(batch)
+                    with torch.profiler.record_function(self.label):
+                        out = self.prepare(batch)
                     batch = None  # not held on the device while the next one is awaited
                     event = torch.cuda.Event() if self.cuda else None
                     if event is not None:
@@ -160,7 +162,8 @@ def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device,
         augment = BatchAugment(data, train, device, np.random.default_rng([cfg.run.seed, epoch, rank, train]),
                                channels_last=channels_last, generator=generator)
         # Two threads: the next batch decodes while this one's augmentation is launched.
-        host = device_batches(host, augment.decode, device, ahead=min(data.prefetch_batches, 1))
+        host = device_batches(host, augment.decode, device, ahead=min(data.prefetch_batches, 1),
+                              label="feed: decode")
 
         def prepare(d: Decoded) -> DeviceBatch:
             x, y, skipped = augment.augment(d, keep_one=train)
@@ -171,4 +174,5 @@ def epoch_feed(source, cfg: Config, epoch: int, rank: int, device: torch.device,
             b, skipped = usable_rows(b, keep_one=train)
             x, y = to_device(b, device, data, channels_last=channels_last, generator=generator)
             return DeviceBatch(x, y, rows, skipped, idx)
-    return device_batches(host, prepare, device, ahead=data.prefetch_batches)
+    return device_batches(host, prepare, device, ahead=data.prefetch_batches,
+                          label="feed: augment" if cfg.decode_on_device else "feed: to the device")

@@ -37,6 +37,7 @@ from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
 from pipelines.data import planned_dataset, shards_dir
 from pipelines.feed import epoch_feed
+from pipelines.profiling import StepProfile
 from pipelines.recipe import (NoHostSync, Numerics, Schedule, all_gather, all_reduce, load_optimizer, make_optimizer,
                               numerics, step_forward, train_step, unwrap, validation_counts)
 from pipelines.ray_internals import worker_exceptions
@@ -334,78 +335,6 @@ class RowAudit:
     def close(self) -> None:
         if self.file:
             self.file.close()
-
-
-class StepProfile:
-    """With RAY_RESNET_PROFILE=DIR in the driver's environment: rank 0 records torch.profiler over
-    STEPS steps of the run's second epoch (its first if it has only one; the first compiles), after
-    up to SKIP steps that let the input and cuDNN's tuning settle and one of warm-up; not in an
-    epoch (or what a resumed start has left of it) shorter than STEPS + 2. Where a step's time
-    goes, in DIR/<run name>-epoch<N>.trace.json.gz on rank 0's node, a Chrome trace (ui.perfetto.dev
-    or chrome://tracing) of the ops of every thread (the training loop's, the feed's) and, on GPUs,
-    of every kernel, copy and wait on every stream; and in DIR/<run name>-epoch<N>.txt, the ops by
-    their own time. Nothing without it. A profiler that fails is said on the console, and the
-    epoch trains on: a diagnostic never stops a run."""
-
-    SKIP, STEPS = 10, 5
-
-    def __init__(self, job: Job, ep: "Epoch", say: WorkerConsole):
-        self.prof, self.epoch, self.say = None, ep.epoch, say
-        self.where, self.name = job.info.get("profile"), job.cfg.run.name
-        self.cuda = job.device.type == "cuda"
-        if not self.where or job.rank != 0 or ep.epoch != min(2, job.cfg.schedule.epochs):
-            return
-        steps = ep.steps - ep.start
-        if steps < self.STEPS + 2:
-            say.line(f"RAY_RESNET_PROFILE={self.where}: epoch {self.epoch} has {steps} steps to train here, "
-                     f"fewer than {self.STEPS + 2}: not profiled")
-            return
-        skip = min(self.SKIP, steps - self.STEPS - 1)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.cuda:
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        try:  # the feed's threads too, and on GPUs the waits on streams and events (torch >= 2.11 has both)
-            options = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
-        except (AttributeError, TypeError):
-            options = None
-        try:
-            self.prof = torch.profiler.profile(
-                activities=activities, on_trace_ready=self.save, experimental_config=options,
-                schedule=torch.profiler.schedule(wait=skip, warmup=1, active=self.STEPS, repeat=1))
-            self.prof.start()
-        except Exception as e:
-            self.failed(e)
-
-    def step(self) -> None:
-        self.guarded(lambda prof: prof.step())
-
-    def close(self) -> None:
-        self.guarded(lambda prof: prof.stop())
-        self.prof = None
-
-    def guarded(self, action) -> None:
-        """action(the profiler), while one records; a failure is said and ends the profile."""
-        if self.prof:
-            try:
-                action(self.prof)
-            except Exception as e:
-                self.failed(e)
-
-    def failed(self, e: Exception) -> None:
-        prof, self.prof = self.prof, None
-        if prof is not None:
-            with contextlib.suppress(Exception):  # not left recording for the rest of the epoch
-                prof.stop()
-        self.say.line(f"RAY_RESNET_PROFILE={self.where}: no profile of epoch {self.epoch} ({type(e).__name__}: {e}); "
-                      "training goes on")
-
-    def save(self, prof) -> None:
-        os.makedirs(self.where, exist_ok=True)
-        stem = f"{self.where}/{self.name}-epoch{self.epoch}"
-        prof.export_chrome_trace(f"{stem}.trace.json.gz")
-        by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        with open(f"{stem}.txt", "w") as f:
-            f.write(prof.key_averages().table(sort_by=by, row_limit=40) + "\n")
 
 
 def epoch_totals(job: Job, ep: Epoch, sums: torch.Tensor, skipped: int, spent: float, waited: float) -> list[float]:

@@ -66,7 +66,7 @@ def test_rank_0_sends_progress_no_more_often_than_the_interval(monkeypatch):
 
 
 ENTRY_POINTS = ["pipelines.shards", "pipelines.train", "pipelines.tune", "pipelines.evaluate", "pipelines.experiments",
-                "benchmarks/data_throughput.py", "benchmarks/gpu_throughput.py", "benchmarks/shard_writer.py",
+                "pipelines.profiling", "benchmarks/data_throughput.py", "benchmarks/gpu_throughput.py", "benchmarks/shard_writer.py",
                 "cluster/grafana/build_dashboard.py"]
 # One process runs every --help (each a fresh import of torch and Ray would cost seconds).
 HELP = """
