@@ -508,6 +508,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
+def mistake_source(line: str, config: str | os.PathLike, given: dict[str, str]) -> str:
+    """Where a config error's line comes from, to print before it: the command line when it names a key
+    (or a section of one) given there, else the file; nothing when the line names its source."""
+    key = re.split(r"[:= ]", line, maxsplit=1)[0]
+    if line.startswith(str(config)) or "on the command line" in line:
+        return ""
+    if line.startswith("override ") or any(k == key or k.startswith(key + ".") for k in given):
+        return "on the command line, "
+    return f"{config}: "
+
+
 def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str | None = None) -> Config:
     """--config PATH, --print-config and key=value overrides; exits with a message on a mistake.
 
@@ -539,8 +550,8 @@ def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str |
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "  # a file's error names it
-        print(f"error: {where}{e}".replace("\n", f"\nerror: {where}"), file=sys.stderr)
+        for line in str(e).split("\n"):
+            print(f"error: {mistake_source(line, args.config, given)}{line}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(cfg.to_yaml(), end="")

@@ -86,7 +86,7 @@ def test_a_key_given_twice_on_the_command_line_is_refused(capsys):
     with pytest.raises(SystemExit) as done:
         parse_cli(["--config", str(CONFIG), "run.name=a", "model.depth=32", "run.name=b", "--print-config"], "test")
     assert done.value.code == 2
-    assert capsys.readouterr().err == (f"error: {CONFIG}: run.name is given twice on the command line ('run.name=a' "
+    assert capsys.readouterr().err == ("error: run.name is given twice on the command line ('run.name=a' "
                                        "and 'run.name=b'); give each key once\n")
     # an entry point's preset and the command line may set one key: the command line wins
     assert load_config(CONFIG, ["run.name=a", "run.name=b"]).run.name == "b"
@@ -180,9 +180,31 @@ def test_unknown_keys_in_the_file_are_errors(tmp_path):
 def test_cli_reports_mistakes_without_a_traceback(run_cli):
     p = run_cli("pipelines.train", "--config", str(CONFIG), "model.family=imagenet", "model.depth=19")
     assert p.returncode == 2
-    assert p.stderr.strip() == (f"error: {CONFIG}: model.depth=19: ImageNet ResNets have depth "
+    assert p.stderr.strip() == ("error: on the command line, model.depth=19: ImageNet ResNets have depth "
                                 "18, 34, 50, 101 or 152")
     assert "Traceback" not in p.stderr
+
+
+def test_a_mistake_is_said_where_it_was_made_the_command_line_or_the_file(tmp_path, capsys):
+    from pipelines.config import parse_cli
+
+    def err(*argv):
+        with pytest.raises(SystemExit) as done:
+            parse_cli([*argv, "--print-config"], "test")
+        assert done.value.code == 2
+        return capsys.readouterr().err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text().replace("  momentum: 0.9", "  momentun: 0.9"))
+    assert err("--config", str(CONFIG), "model.dpeth=56").startswith(
+        "error: on the command line, model.dpeth: unknown key; did you mean depth?")
+    assert err("--config", str(CONFIG), "optim=0.1").startswith("error: on the command line, optim is a section")
+    assert err("--config", str(CONFIG), "model.depth").startswith("error: on the command line, override 'model.depth'")
+    # one line for each mistake, each with its own source
+    assert err("--config", str(bad), "optim.lr=fast").split("\n")[:2] == [
+        "error: on the command line, optim.lr=fast: Input should be a valid number, unable to parse string as a number",
+        f"error: {bad}: optim.momentun: unknown key; did you mean momentum? optim accepts lr, lr_batch, momentum, "
+        "nesterov, weight_decay, no_decay_bn_bias, label_smoothing"]
 
 
 def test_print_config_prints_the_resolved_config(run_cli, tmp_path):
