@@ -300,7 +300,11 @@ def discarded_checkpoints(uri: Place, kept: str) -> list[str]:
             and (m := NAMED.fullmatch(i.base_name)) and position(i.base_name) >= at and m.group(3) != attempt]
 
 
-def has_checkpoints(uri: Place) -> bool:
+def epochs_done(uri: Place) -> int | None:
+    """The most epochs a checkpoint in uri has finished, by its name (0 for a name not of ours); None
+    without a checkpoint."""
     fs, path = _fs(uri)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
+    done = [(position(i.base_name) or (0, 0))[0] for i in infos
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    return max(done, default=None)

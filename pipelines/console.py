@@ -46,11 +46,19 @@ def duration(seconds: float) -> str:
 
 
 def summary(epochs: int, seconds: float, final_error: float, best: tuple[float, int, str] | None, run_dir: str,
-            run_name: str, mlflow_run_id: str, experiment: str, open_command: str) -> str:
+            run_name: str, mlflow_run_id: str, experiment: str, open_command: str, before: int = 0) -> str:
     """The closing lines: what was reached, where the checkpoints are, how to open the MLflow run.
-    best: (validation error, epoch, checkpoint directory name) of the best checkpoint kept."""
-    lines = [f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {duration(seconds)}; "
-             f"final val error {final_error:.2%}" + (f", best {best[0]:.2%} (epoch {best[1]})" if best else ""),
+    best: (validation error, epoch, checkpoint directory name) of the best checkpoint kept; before:
+    the epochs the run had finished before this command, whose seconds count only its own epochs."""
+    if not before:
+        done = f"{epochs} epoch{'s' if epochs != 1 else ''} in {duration(seconds)}"
+    elif epochs > before:
+        done = (f"epoch {epochs}" if epochs == before + 1 else f"epochs {before + 1}..{epochs}") \
+            + f" in {duration(seconds)} ({epochs} in all)"
+    else:
+        done = f"no epoch left to train ({before} trained before)"
+    lines = [f"done: {done}; final val error {final_error:.2%}"
+             + (f", best {best[0]:.2%} (epoch {best[1]})" if best else ""),
              f"checkpoints: {run_dir}" + (f" (best: {best[2]})" if best else "")
              + f"; resume or extend with the same run.name={run_name}",
              f"MLflow run {mlflow_run_id} in experiment {experiment}; to see it: {open_command}"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from pipelines import checkpoint, plan
 from pipelines.checkpoint import (StorageFull, best_checkpoint, check_space, checkpoint_name, discarded_checkpoints,
-                                  final_state, has_checkpoints, load_state, read_text, remove_checkpoints,
+                                  epochs_done, final_state, load_state, read_text, remove_checkpoints,
                                   save_text, storage_full_at, tensor_bytes)
 from pipelines.config import Config, ConfigError, SetupError, cli_errors, parse_cli
 from pipelines.console import Console, WorkerConsole, header, summary, table_row
@@ -407,8 +407,9 @@ def train_loop(config: dict) -> None:
                 if job.check is NoHostSync else "")
              + (f", host syncs not checked ({unchecked})" if unchecked else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
-             + f"({' or '.join(map(str, per_worker))} a worker{micro}); epochs {job.epoch + 1}..{cfg.schedule.epochs}"
-             + (" (resumed)" if job.epoch or job.partial else ""))
+             + f"({' or '.join(map(str, per_worker))} a worker{micro})"
+             + (f"; epochs {job.epoch + 1}..{cfg.schedule.epochs}" + (" (resumed)" if job.epoch or job.partial else "")
+                if job.epoch < cfg.schedule.epochs else ""))  # else the next line says it has trained them
     if job.partial and job.epoch < cfg.schedule.epochs:
         p = job.partial
         say.line(f"continuing epoch {job.epoch + 1} from step {p['steps']:,} of "
@@ -416,8 +417,8 @@ def train_loop(config: dict) -> None:
                  + (f" (its checkpoint was written by {p['workers']})" if p["workers"] != job.world else "")
                  + ": the epoch's remaining images, each once")
     if job.epoch >= cfg.schedule.epochs and job.history:
-        say.line(f"run {cfg.run.name} has trained its {job.epoch} epochs already: raise schedule.epochs to "
-                 "train on, or choose a new run.name")
+        say.line(f"run {cfg.run.name} has trained its {job.epoch} epoch{'s' if job.epoch != 1 else ''} already: "
+                 "raise schedule.epochs to train on, or choose a new run.name")
         # Report the last epoch again: a sweep killed after this trial finished but before Tune
         # recorded it runs the trial again, and Tune needs its result.
         ray.train.report(job.history[-1])
@@ -522,7 +523,8 @@ def preflight(cfg: Config) -> dict:
     except OSError as e:
         raise unwritable(e) from None
     previous = read_text(cfg.run_dir, "config.yaml")
-    if previous is not None and has_checkpoints(cfg.run_dir):
+    done_before = epochs_done(cfg.run_dir)
+    if previous is not None and done_before is not None:
         try:
             old = Config.model_validate(yaml.safe_load(previous))
         except (ValueError, yaml.YAMLError):  # written by another version: the checkpoint decides
@@ -561,7 +563,7 @@ def preflight(cfg: Config) -> dict:
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     # folders the workers write to, whose working folder is not this one
     audit, profile = (os.environ.get(f"RAY_RESNET_{key}") for key in ("AUDIT_ROWS", "PROFILE"))
-    return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
+    return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"], "epochs_before": done_before or 0,
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
             "manifest": manifest, "units": plan.read_units(shards["train"]),
             "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],
@@ -572,13 +574,18 @@ def preflight(cfg: Config) -> dict:
                            f"{cfg.schedule.epochs} epochs, {workers} workers ({device})"}
 
 
-def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, console: dict | None = None):
+def fit(cfg: Config, callbacks: list = (), parent_run_id: str | None = None, console: dict | None = None,
+        started: dict | None = None):
     """Train cfg on the Ray cluster (started here if there is none); returns Ray Train's Result.
-    Rank 0's lines go to console (a sweep's: Console.channel()), else to a Console of this run's."""
+    Rank 0's lines go to console (a sweep's: Console.channel()), else to a Console of this run's.
+    started, if given, is filled with what the closing summary needs: epochs_before, the epochs the
+    run's checkpoints had finished before this start."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     info = preflight(cfg)
+    if started is not None:
+        started["epochs_before"] = info["epochs_before"]
     ray_line = start_ray(cfg)
     if ray_line:
         print(ray_line, flush=True)
@@ -650,10 +657,11 @@ def storage_full_said(run):
         raise
 
 
-def closing_summary(cfg: Config, result, seconds: float) -> str:
+def closing_summary(cfg: Config, result, seconds: float, epochs_before: int = 0) -> str:
     last = load_state(result.checkpoint)
     best = best_checkpoint(result)
-    return summary(epochs=last["epoch"], seconds=seconds, final_error=last["history"][-1]["val_error"],
+    return summary(epochs=last["epoch"], before=epochs_before, seconds=seconds,
+                   final_error=last["history"][-1]["val_error"],
                    best=(best[1]["val_error"], best[1]["epoch"], best[0].path.rsplit("/", 1)[-1]) if best else None,
                    run_dir=cfg.run_dir, run_name=cfg.run.name, mlflow_run_id=last["mlflow_run_id"],
                    experiment=cfg.mlflow.experiment, open_command=ui_command(cfg.mlflow.resolved_uri()))
@@ -662,11 +670,11 @@ def closing_summary(cfg: Config, result, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(argv, "Train a ResNet with DDP on Ray Train (see ray_config.yaml).",
                     prog="python -m pipelines.train")
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), {}
     with cli_errors():
-        result = fit(cfg)
+        result = fit(cfg, started=started)
     if result.checkpoint is not None:
-        print(closing_summary(cfg, result, time.perf_counter() - t0), flush=True)
+        print(closing_summary(cfg, result, time.perf_counter() - t0, started["epochs_before"]), flush=True)
 
 
 if __name__ == "__main__":

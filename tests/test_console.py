@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines.console import ConsoleView, WorkerConsole, header, progress_line, table_row
+from pipelines.console import ConsoleView, WorkerConsole, header, progress_line, summary, table_row
 from tests.conftest import ROOT
 
 ROW = {"epoch": 7, "lr": 0.01, "train_loss": 0.0653, "train_error": 0.0192, "val_error": 0.0083,
@@ -63,6 +63,19 @@ def test_rank_0_sends_progress_no_more_often_than_the_interval(monkeypatch):
     quiet = FakeQueue()
     WorkerConsole({"queue": quiet, "interval": 30.0}, enabled=False).line("not rank 0")
     assert quiet.items == []
+
+
+def test_the_closing_summary_counts_the_epochs_this_command_trained():
+    def first(epochs, before):
+        return summary(epochs, 42.0, 0.0139, (0.0139, 7, "checkpoint_x"), "runs/r", "r", "abc", "ray-resnet",
+                       "mlflow ui", before=before).split("\n")[0]
+
+    assert first(10, 0) == "done: 10 epochs in 42 s; final val error 1.39%, best 1.39% (epoch 7)"
+    assert first(12, 10) == "done: epochs 11..12 in 42 s (12 in all); final val error 1.39%, best 1.39% (epoch 7)"
+    assert first(11, 10).startswith("done: epoch 11 in 42 s (11 in all); ")
+    # run again once finished (or with fewer epochs): nothing trained, and no time claimed for it
+    assert first(10, 10).startswith("done: no epoch left to train (10 trained before); final val error 1.39%")
+    assert first(10, 12).startswith("done: no epoch left to train (12 trained before); ")
 
 
 ENTRY_POINTS = ["pipelines.shards", "pipelines.train", "pipelines.tune", "pipelines.evaluate", "pipelines.experiments",

@@ -347,6 +347,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once
     subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
     out = run_cli("pipelines.train", *args, env=env, timeout=400)
     assert out.returncode == 0 and "epochs 2..2 (resumed)" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"^done: epoch 2 in .* \(2 in all\); final val error", out.stdout, re.M), out.stdout[-3000:]
 
 
 @pytest.mark.parametrize("overrides, message", [
