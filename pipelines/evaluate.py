@@ -48,7 +48,7 @@ from pipelines.data import DecodeAugment, read_shards, shards_dir, to_device
 from pipelines.recipe import numerics
 from pipelines.runtime import check_cluster, start_ray
 from pipelines.shards import ShardError, load_manifest
-from pipelines.tracking import fluent_mlflow, mlflow_client
+from pipelines.tracking import fluent_mlflow, mlflow_client, quiet_mlflow
 from resnet_models import build_model
 
 MODES = ("single", "10crop", "multiscale")
@@ -378,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> dict:
     """The results of the command line's evaluation, as written to --out."""
     overrides = args.overrides + ([f"data.shards={args.shards}"] if args.shards else [])
+    if not args.verbose:
+        quiet_mlflow()
     if args.checkpoint:
         model, trained, source = model_from_checkpoint(args.checkpoint)
     else:

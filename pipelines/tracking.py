@@ -44,11 +44,13 @@ def mlflow_client(uri: str):
 
 
 def quiet_mlflow() -> None:
-    """MLflow's INFO lines (creating the SQLite tables, ...) off the console."""
+    """MLflow's INFO lines (creating the SQLite tables, ...) and its progress bars for artifacts
+    (downloading a model to evaluate it) off the console."""
     import logging
 
     import mlflow  # noqa: F401  (its import sets its loggers' levels: set ours after it)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:

@@ -193,6 +193,7 @@ def test_the_command_line_scores_an_mlflow_model_as_training_validated_it(traine
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("single: top-1 error ") and "on 360 images (1 view; 0 skipped)" in line
+    assert "Downloading artifacts" not in proc.stdout + proc.stderr  # MLflow's progress bars: off
     result = json.loads(out.read_text())
     row = trained["state"]["history"][-1]
     assert result["images"] == 360 and result["shards"] == trained["shards"]
