@@ -102,7 +102,10 @@ def start_ray(cfg: Config) -> str | None:
                                  "start one (`ray start --head`), or unset RAY_ADDRESS to start Ray here") from None
         context, how = ray.init(address=address, **options), f"joined {address}"
     else:
-        context, how = init_local_ray(num_cpus=local_cpus(cfg), **options), f"started here with {local_cpus(cfg)} CPUs"
+        cpus, cores = local_cpus(cfg), os.cpu_count() or 1
+        how = (f"started here with {cpus} logical CPUs (what the job needs) on this machine's {cores} cores"
+               if cpus > cores else f"started here with {cpus} CPUs")
+        context = init_local_ray(num_cpus=cpus, **options)
     if quiet:
         logging.getLogger("ray").setLevel(logging.WARNING)
     return describe(context, how, quiet)
