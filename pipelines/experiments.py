@@ -124,6 +124,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for t in rows:
         paper, where = paper_error(t["model"])
+        paper += "%" if paper.replace(".", "").isdigit() else ""  # a figure, in the unit of the columns beside it
         out.append(f"| {t['model'].name} | {t['label']} | {t['epochs'][-1]} | {t['train_error'][-1]:.2%} | "
                    f"{t['val_error'][-1]:.2%} | {min(t['val_error']):.2%} | {paper} | {where} |")
     return "\n".join(out) + "\n"

@@ -108,11 +108,11 @@ class FakeResult:  # what report() reads of a Tune result
 
 @pytest.mark.parametrize("name, overrides, expected", [
     # depth and shortcuts train as degradation and identity do (tested above): their reports, from results
-    ("depth", [], [("cifar_resnet20", "depth=20", "8.75"), ("cifar_resnet32", "depth=32", "7.51"),
-                   ("cifar_resnet44", "depth=44", "7.17"), ("cifar_resnet56", "depth=56", "6.97"),
-                   ("cifar_resnet110", "depth=110", "6.61")]),
+    ("depth", [], [("cifar_resnet20", "depth=20", "8.75%"), ("cifar_resnet32", "depth=32", "7.51%"),
+                   ("cifar_resnet44", "depth=44", "7.17%"), ("cifar_resnet56", "depth=56", "6.97%"),
+                   ("cifar_resnet110", "depth=110", "6.61%")]),
     ("shortcuts", ["model.family=imagenet", "model.depth=50"],
-     [("resnet34", "shortcut=A", "25.03"), ("resnet34", "shortcut=B", "24.52"), ("resnet34", "shortcut=C", "24.19")]),
+     [("resnet34", "shortcut=A", "25.03%"), ("resnet34", "shortcut=B", "24.52%"), ("resnet34", "shortcut=C", "24.19%")]),
 ])
 def test_the_depth_and_shortcuts_reports_put_each_net_beside_the_paper(tmp_path, name, overrides, expected):
     import itertools
