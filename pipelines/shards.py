@@ -132,7 +132,7 @@ def _find(root: Path, name: str) -> Path | None:
 def scan_imagenet(root: Path, val_labels: Path | None = None, devkit: Path | None = None) -> Source:
     """ILSVRC2012: train/<wnid>/*.JPEG; val flat with LOC_val_solution.csv or the devkit, or sorted."""
     if not (root / "train").is_dir():
-        raise ShardError(f"{root}: no train/ folder; --source imagenet expects ROOT/train/<wnid>/*.JPEG "
+        raise ShardError(f"{root}: {'no train/ folder' if root.is_dir() else 'no such folder'}; --source imagenet expects ROOT/train/<wnid>/*.JPEG "
                          "and ROOT/val/ (flat with LOC_val_solution.csv or the devkit, or val/<wnid>/)")
     ignored: list = []
     wnids = _class_dirs(root / "train")
@@ -251,13 +251,19 @@ def load_cifar10(root: Path) -> Source:
         except Exception as e:
             raise ShardError(f"{where}: not a CIFAR-10 python batch ({e})") from None
 
+    expects = "--source cifar10 expects cifar-10-python.tar.gz or its cifar-10-batches-py/ folder"
+    if not root.exists():
+        raise ShardError(f"{root}: no such file or folder; {expects}")
     batches: dict[str, dict] = {}
     if root.is_file():
-        with tarfile.open(root) as tar:
-            for m in tar.getmembers():
-                if m.isfile() and Path(m.name).name in {*(f"data_batch_{i}" for i in range(1, 6)),
-                                                        "test_batch", "batches.meta"}:
-                    batches[Path(m.name).name] = unpickle(tar.extractfile(m).read(), f"{root}:{m.name}")
+        try:
+            with tarfile.open(root) as tar:
+                for m in tar.getmembers():
+                    if m.isfile() and Path(m.name).name in {*(f"data_batch_{i}" for i in range(1, 6)),
+                                                            "test_batch", "batches.meta"}:
+                        batches[Path(m.name).name] = unpickle(tar.extractfile(m).read(), f"{root}:{m.name}")
+        except (tarfile.TarError, EOFError, OSError):  # not an archive, or a cut one
+            raise ShardError(f"{root}: not a tar archive that can be read whole; {expects}") from None
     elif root.is_dir():
         base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
         for p in base.iterdir():
@@ -266,8 +272,7 @@ def load_cifar10(root: Path) -> Source:
     missing = [n for n in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
                if n not in batches]
     if missing:
-        raise ShardError(f"{root}: missing {', '.join(missing)}; --source cifar10 expects "
-                         "cifar-10-python.tar.gz or its cifar-10-batches-py/ folder")
+        raise ShardError(f"{root}: missing {', '.join(missing)}; {expects}")
     names = [n.decode() for n in batches["batches.meta"][b"label_names"]]
     splits: dict[str, list[Item]] = {"train": [], "val": []}
     for name in sorted(batches):

@@ -260,6 +260,12 @@ def test_cifar10_round_trip_from_the_python_tarball(tmp_path):
         assert r["label"] == label and r["class_id"] == f"class{label}"
     with pytest.raises(ShardError, match="missing data_batch_1"):
         S.load_cifar10(tmp_path)
+    # a path that is not there, and an archive cut short: said, not a traceback
+    with pytest.raises(ShardError, match="cifar.tar.gz: no such file or folder; --source cifar10 expects"):
+        S.load_cifar10(tmp_path / "cifar.tar.gz")
+    (tmp_path / "cut.tar.gz").write_bytes(tar_path.read_bytes()[:5000])
+    with pytest.raises(ShardError, match="cut.tar.gz: not a tar archive that can be read whole; --source cifar10"):
+        S.load_cifar10(tmp_path / "cut.tar.gz")
 
 
 def test_reading_checks_every_shard_against_the_manifest(tmp_path):
