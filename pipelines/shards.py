@@ -513,7 +513,8 @@ def write_shards(source: Source, out: str | os.PathLike, opts: Options = Options
         "ignored": source.ignored,
     }
     store.write("manifest.json", json.dumps(manifest, indent=1).encode())  # last: the shards are all there
-    manifest_summary(manifest, time.perf_counter() - t0, progress)
+    written = sum(metas[s][i]["rows"] for s, i in todo)
+    manifest_summary(manifest, time.perf_counter() - t0, progress, written)
     return manifest
 
 
@@ -558,7 +559,8 @@ class _Progress:
             print(file=self.stream)
 
 
-def manifest_summary(manifest: dict, seconds: float, stream) -> None:
+def manifest_summary(manifest: dict, seconds: float, stream, written: int) -> None:
+    """The closing lines: the shard set, and how much of it this run wrote (a resumed one: the rest)."""
     if stream is None:
         return
     splits = manifest["splits"]
@@ -566,9 +568,10 @@ def manifest_summary(manifest: dict, seconds: float, stream) -> None:
     size = sum(sh["bytes"] for s in splits.values() for sh in s["shards"])
     reasons = Counter(x["reason"].split(":")[0] for x in manifest["skipped"])
     per_split = ", ".join(f"{k} {v['rows']:,}" for k, v in splits.items())
-    print(f"wrote {rows:,} images ({per_split}) in "
-          f"{sum(len(s['shards']) for s in splits.values())} shards, {size / 2**20:,.1f} MiB, "
-          f"{len(manifest['classes'])} classes, {seconds:.1f} s", file=stream)
+    shard_set = (f"{rows:,} images ({per_split}) in {sum(len(s['shards']) for s in splits.values())} shards, "
+                 f"{size / 2**20:,.1f} MiB, {len(manifest['classes'])} classes")
+    print(f"wrote {shard_set}, {seconds:.1f} s" if written == rows else f"{shard_set}, all written before" if not written
+          else f"{shard_set}; this run wrote {written:,} of them in {seconds:.1f} s", file=stream)
     print(f"skipped {len(manifest['skipped'])}" + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
                                                   if reasons else "")
           + f"; ignored {len(manifest['ignored'])} non-image or hidden files", file=stream)

@@ -301,8 +301,15 @@ def test_cli_summary_and_errors(run_cli, tmp_path):
     p = run_cli("pipelines.shards", "--source", "digits", "--out", str(tmp_path / "d"), "--workers", "1")
     assert p.returncode == 0, p.stderr
     assert "wrote 1,797 images (train 1,437, val 360) in 2 shards" in p.stderr
+    # run again: nothing left to write, and it does not claim to have written it
+    p = run_cli("pipelines.shards", "--source", "digits", "--out", str(tmp_path / "d"), "--workers", "1")
+    assert p.returncode == 0 and "1,797 images (train 1,437, val 360) in 2 shards, 2.0 MiB, 10 classes, all " \
+        "written before\n" in p.stderr and "wrote" not in p.stderr, p.stderr
     p = run_cli("pipelines.shards", "--source", "imagenet", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "x"))
-    assert p.returncode == 2 and "no train/ folder" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "none: no such folder; --source imagenet" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "none").mkdir()
+    p = run_cli("pipelines.shards", "--source", "imagenet", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "none: no train/ folder" in p.stderr
     p = run_cli("pipelines.shards", "--source", "folder", "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "--source folder needs --root PATH" in p.stderr
 
