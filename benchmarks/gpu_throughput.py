@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -211,8 +212,10 @@ def product_rate(shards: Path, a, home: Path, device) -> float:
     if code != 0:
         raise SystemExit(f"pipelines.train failed (exit {code}):\n{log}")
     column = [key for key, *_ in TABLE].index("images_per_s")
-    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()
-            and len(line.split()) >= len(TABLE)]
+    # an epoch row: a number (or a share, or seconds) in each of the table's columns; not the
+    # profile's summary ("5 steps in ...") or any other line that starts with a number
+    rows = [cells for line in lines if len(cells := line.split()) >= len(TABLE)
+            and all(re.fullmatch(r"[\d.,]+[%s]?", cell) for cell in cells[:len(TABLE)])]
     if len(rows) != a.epochs:
         raise SystemExit(f"pipelines.train printed {len(rows)} epoch rows, expected {a.epochs}")
     for path in sorted(a.profile.glob("gpu-throughput-epoch*")) if a.profile else ():
@@ -263,8 +266,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (rows and the product's run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs (CPU)")
     p.add_argument("--profile", type=lambda text: Path(text).resolve(), metavar="DIR",
-                   help="profile a few steps of the product's second epoch (row 4) into DIR: a Chrome trace and "
-                        "a table of ops (RAY_RESNET_PROFILE, docs/gpu.md)")
+                   help="profile a few steps of the product's second epoch (row 4) into DIR: a Chrome trace, "
+                        "and its summary (also in the product's console) with a table of ops (RAY_RESNET_PROFILE, "
+                        "docs/gpu.md)")
     p.add_argument("--rows", default=",".join(ROWS), type=rows_arg,
                    help="the rows to run, e.g. 5,6 to finish a run its time limit stopped (default: all); 1 runs "
                         "too with 3 or 4, which are read against it")

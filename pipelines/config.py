@@ -508,15 +508,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def mistake_source(line: str, config: str | os.PathLike, given: dict[str, str]) -> str:
-    """Where a config error's line comes from, to print before it: the command line when it names a key
-    (or a section of one) given there, else the file; nothing when the line names its source."""
-    key = re.split(r"[:= ]", line, maxsplit=1)[0]
+def mistake_source(line: str, config: str | os.PathLike) -> str:
+    """Where a line of the config's error comes from, to print before it: the file when the file
+    alone gives that line, else the command line (its overrides made it: a typo, or a value that
+    does not go with the file's); nothing when the line names its source."""
     if line.startswith(str(config)) or "on the command line" in line:
         return ""
-    if line.startswith("override ") or any(k == key or k.startswith(key + ".") for k in given):
-        return "on the command line, "
-    return f"{config}: "
+    try:
+        load_config(config)
+        alone = []
+    except ConfigError as e:
+        alone = str(e).split("\n")
+    return f"{config}: " if line in alone else "on the command line, "
 
 
 def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str | None = None) -> Config:
@@ -551,7 +554,7 @@ def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str |
             cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         for line in str(e).split("\n"):
-            print(f"error: {mistake_source(line, args.config, given)}{line}", file=sys.stderr)
+            print(f"error: {mistake_source(line, args.config)}{line}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(cfg.to_yaml(), end="")

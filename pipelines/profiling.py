@@ -122,47 +122,56 @@ def summarize(events: list[dict]) -> list[str]:
     """A few lines on the profiled steps (ProfilerStep#N, the training loop's thread): their length;
     for each GPU, the share of that time it ran a kernel or copy on any stream, and each busy
     stream's share, named by the thread that launched most of its work, with its longest gap; and
-    the host's waits for the GPU in that time (HOST_WAITS), by thread. The GPU's work lags the host's
-    that queued it, so these are the GPU's shares while the host ran those steps."""
+    the host's waits for the GPU in that time (HOST_WAITS), by thread. Counts and times are those
+    within the steps' time. The GPU's work lags the host's that queued it, so these are the GPU's
+    shares while the host ran those steps."""
     spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
     steps = [e for e in spans if e.get("cat") == "user_annotation" and str(e.get("name")).startswith("ProfilerStep#")]
     if not steps:
         return ["no profiled steps (ProfilerStep#N) in this trace"]
     t0, t1 = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    if t1 <= t0:
+        return [f"{count(len(steps), 'profiled step')} of no length in this trace"]
     names = thread_names(spans, (steps[0]["pid"], steps[0]["tid"]))
     lines = [f"{count(len(steps), 'step')} in {duration(t1 - t0)}, {duration((t1 - t0) / len(steps))} a step"]
     work = [e for e in spans if e.get("cat") in GPU_WORK]
     if not work:
         return [lines[0] + "; no GPU in this trace"]
-    launched_by = {e["args"]["correlation"]: names[(e["pid"], e["tid"])] for e in spans
-                   if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    devices: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    # a kernel's launch: a runtime call (cudaLaunchKernel), or a driver call (cuLaunchKernel: Triton's
+    # kernels, which torch.compile makes) of the same correlation
+    launched_by = {args(e)["correlation"]: names[(e["pid"], e["tid"])] for e in spans
+                   if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in args(e)}
+    devices: dict = defaultdict(lambda: defaultdict(list))
     for e in work:
-        devices[e["args"].get("device", e["pid"])][e["args"].get("stream", e["tid"])].append(e)
-    for device, streams in sorted(devices.items()):
+        devices[args(e).get("device", e["pid"])][args(e).get("stream", e["tid"])].append(e)
+    for device, streams in sorted(devices.items(), key=lambda item: str(item[0])):
         every = [e for stream in streams.values() for e in stream]
         lines.append(f"GPU {device}: busy {busy(every, t0, t1)[0] / (t1 - t0):.1%} of those steps' time")
         shares = {s: busy(evs, t0, t1) for s, evs in streams.items()}
         for s in sorted(shares, key=lambda s: -shares[s][0]):
-            (ran, gap), evs = shares[s], streams[s]
+            (ran, gap), evs = shares[s], [e for e in streams[s] if e["ts"] < t1 and e["ts"] + e["dur"] > t0]
             if ran == 0:
                 continue
-            who = Counter(launched_by.get(e["args"].get("correlation"), "?") for e in evs).most_common(1)[0][0]
-            lines.append(f"  stream {s} (from {who}): busy {ran / (t1 - t0):.1%}, {count(len(evs), 'kernel or copy', 'kernels and copies')}, "
-                         f"longest gap {duration(gap)}")
+            who = Counter(launched_by.get(args(e).get("correlation"), "?") for e in evs).most_common(1)[0][0]
+            lines.append(f"  stream {s} (from {who}): busy {ran / (t1 - t0):.1%}, "
+                         f"{count(len(evs), 'kernel or copy', 'kernels and copies')}, longest gap {duration(gap)}")
     waits: dict[str, Counter] = defaultdict(Counter)
     waited: Counter = Counter()
     for e in spans:
         if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS and e["ts"] < t1 and e["ts"] + e["dur"] > t0:
             who = names[(e["pid"], e["tid"])]
             waits[who][e["name"]] += 1
-            waited[who] += e["dur"]
+            waited[who] += min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)  # the part within the steps
     said = [f"{LOOP}: none"] if LOOP not in waits else []
     said += [f"{who}: {sum(calls.values())} in {duration(waited[who])} ("
              + ", ".join(f"{name} {n}" for name, n in calls.most_common()) + ")"
              for who, calls in sorted(waits.items(), key=lambda item: item[0] != LOOP)]
     lines.append("host waits for the GPU: " + "; ".join(said))
     return lines
+
+
+def args(e: dict) -> dict:
+    return e.get("args") or {}
 
 
 def thread_names(spans: list[dict], loop: tuple) -> defaultdict:

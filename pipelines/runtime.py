@@ -103,7 +103,7 @@ def start_ray(cfg: Config) -> str | None:
         context, how = ray.init(address=address, **options), f"joined {address}"
     else:
         cpus, cores = local_cpus(cfg), os.cpu_count() or 1
-        how = (f"started here with {cpus} logical CPUs (what the job needs) on this machine's {cores} cores"
+        how = (f"started here with {cpus} logical CPUs (what the job needs) on a machine with {cores}"
                if cpus > cores else f"started here with {cpus} CPUs")
         context = init_local_ray(num_cpus=cpus, **options)
     if quiet:

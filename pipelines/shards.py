@@ -132,7 +132,8 @@ def _find(root: Path, name: str) -> Path | None:
 def scan_imagenet(root: Path, val_labels: Path | None = None, devkit: Path | None = None) -> Source:
     """ILSVRC2012: train/<wnid>/*.JPEG; val flat with LOC_val_solution.csv or the devkit, or sorted."""
     if not (root / "train").is_dir():
-        raise ShardError(f"{root}: {'no train/ folder' if root.is_dir() else 'no such folder'}; --source imagenet expects ROOT/train/<wnid>/*.JPEG "
+        what = "no train/ folder" if root.is_dir() else "not a folder" if root.exists() else "no such folder"
+        raise ShardError(f"{root}: {what}; --source imagenet expects ROOT/train/<wnid>/*.JPEG "
                          "and ROOT/val/ (flat with LOC_val_solution.csv or the devkit, or val/<wnid>/)")
     ignored: list = []
     wnids = _class_dirs(root / "train")
@@ -570,7 +571,8 @@ def manifest_summary(manifest: dict, seconds: float, stream, written: int) -> No
     per_split = ", ".join(f"{k} {v['rows']:,}" for k, v in splits.items())
     shard_set = (f"{rows:,} images ({per_split}) in {sum(len(s['shards']) for s in splits.values())} shards, "
                  f"{size / 2**20:,.1f} MiB, {len(manifest['classes'])} classes")
-    print(f"wrote {shard_set}, {seconds:.1f} s" if written == rows else f"{shard_set}, all written before" if not written
+    print(f"wrote {shard_set}, {seconds:.1f} s" if written == rows
+          else f"{shard_set}, all written before" if not written
           else f"{shard_set}; this run wrote {written:,} of them in {seconds:.1f} s", file=stream)
     print(f"skipped {len(manifest['skipped'])}" + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
                                                   if reasons else "")

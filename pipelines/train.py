@@ -408,7 +408,8 @@ def train_loop(config: dict) -> None:
              + (f", host syncs not checked ({unchecked})" if unchecked else "")
              + f"; images {decoding}; global batch {cfg.data.batch_size} "
              + f"({' or '.join(map(str, per_worker))} a worker{micro})"
-             + (f"; epochs {job.epoch + 1}..{cfg.schedule.epochs}" + (" (resumed)" if job.epoch or job.partial else "")
+             + (f"; epochs {job.epoch + 1}..{cfg.schedule.epochs}"
+                + (" (resumed)" if job.epoch or job.partial else "")
                 if job.epoch < cfg.schedule.epochs else ""))  # else the next line says it has trained them
     if job.partial and job.epoch < cfg.schedule.epochs:
         p = job.partial
@@ -563,7 +564,8 @@ def preflight(cfg: Config) -> dict:
     workers = f"{sc.min_workers} to {sc.max_workers}" if sc.elastic else sc.num_workers
     # folders the workers write to, whose working folder is not this one
     audit, profile = (os.environ.get(f"RAY_RESNET_{key}") for key in ("AUDIT_ROWS", "PROFILE"))
-    return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"], "epochs_before": done_before or 0,
+    return {"num_classes": classes, "train_rows": rows["train"], "val_rows": rows["val"],
+            "epochs_before": done_before or 0,
             "stats": stats, "mlflow_uri": uri, "experiment_id": experiment_id, "shards": directory,
             "manifest": manifest, "units": plan.read_units(shards["train"]),
             "val_units": plan.read_units(shards["val"]), "shards_fs": fs_and_path(directory)[0],

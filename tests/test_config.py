@@ -199,6 +199,9 @@ def test_a_mistake_is_said_where_it_was_made_the_command_line_or_the_file(tmp_pa
         "error: on the command line, model.dpeth: unknown key; did you mean depth?")
     assert err("--config", str(CONFIG), "optim=0.1").startswith("error: on the command line, optim is a section")
     assert err("--config", str(CONFIG), "model.depth").startswith("error: on the command line, override 'model.depth'")
+    # a value that does not go with the file's: the command line made it wrong
+    assert err("--config", str(CONFIG), "model.family=imagenet").startswith(
+        "error: on the command line, model.depth=20: ImageNet ResNets have depth")
     # one line for each mistake, each with its own source
     assert err("--config", str(bad), "optim.lr=fast").split("\n")[:2] == [
         "error: on the command line, optim.lr=fast: Input should be a valid number, unable to parse string as a number",

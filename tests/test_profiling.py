@@ -34,7 +34,8 @@ def test_a_profile_is_five_steps_of_the_second_epoch_and_a_failing_one_never_sto
 
     def steps_in(name):
         with gzip.open(tmp_path / "p" / name) as f:
-            return sorted(e["name"] for e in json.load(f)["traceEvents"] if str(e.get("name")).startswith("ProfilerStep#"))
+            return sorted(e["name"] for e in json.load(f)["traceEvents"]
+                          if str(e.get("name")).startswith("ProfilerStep#"))
 
     run(tmp_path / "p", epoch=1)                   # not the second epoch
     run(tmp_path / "p", epoch=2, rank=1)           # not rank 0
@@ -82,7 +83,8 @@ def test_a_gpu_trace_says_each_streams_busy_share_its_longest_gap_and_who_waited
     feed_launch = [span("cuda_runtime", "cudaLaunchKernel", 1, 2, tid=11, correlation=200)]
     events = [
         span("user_annotation", "ProfilerStep#11", 1000, 500), span("user_annotation", "ProfilerStep#12", 1500, 500),
-        span("user_annotation", "feed: augment", 0, 900, tid=11), span("user_annotation", "feed: decode", 0, 900, tid=12),
+        span("user_annotation", "feed: augment", 0, 900, tid=11),
+        span("user_annotation", "feed: decode", 0, 900, tid=12),
         *loop_launch, *feed_launch,
         # stream 7: busy from before the steps to 1,300, then 1,500 to 1,900; 100 µs idle at the end
         kernel(800, 500, 7, 100), kernel(1500, 300, 7, 101), kernel(1800, 100, 7, 102),
@@ -102,16 +104,23 @@ def test_a_gpu_trace_says_each_streams_busy_share_its_longest_gap_and_who_waited
         "  stream 20 (from feed: augment): busy 10.0%, 2 kernels and copies, longest gap 600 µs",
         "host waits for the GPU: the training loop: none; feed: decode: 2 in 35 µs (cudaStreamSynchronize 2)"]
 
-    # the loop's own wait, in a step, comes first; a second GPU has a line of its own
+    # the loop's own wait, in a step, comes first, only its part within the steps counted; a second
+    # GPU has a line of its own; a kernel launched through the driver (Triton's, from torch.compile),
+    # or one with no launch in the trace, or with no args (its pid and tid are its device and stream)
     events += [span("cuda_runtime", "cudaMemcpy", 1600, 40, correlation=400),
-               span("cuda_runtime", "cudaLaunchKernel", 990, 2, correlation=401), kernel(1000, 250, 3, 401, device=1)]
+               span("cuda_runtime", "cudaStreamSynchronize", 1990, 500, correlation=402),
+               span("cuda_driver", "cuLaunchKernel", 990, 2, correlation=401), kernel(1000, 250, 3, 401, device=1),
+               kernel(1300, 100, 5, 999, device=1), {**kernel(1900, 10, 5, 998, device=1), "args": None}]
     lines = summarize(events)
-    assert lines[-1] == ("host waits for the GPU: the training loop: 1 in 40 µs (cudaMemcpy 1); "
-                         "feed: decode: 2 in 35 µs (cudaStreamSynchronize 2)")
-    assert lines[4:6] == ["GPU 1: busy 25.0% of those steps' time",
-                          "  stream 3 (from the training loop): busy 25.0%, 1 kernel or copy, longest gap 750 µs"]
+    assert lines[-1] == ("host waits for the GPU: the training loop: 2 in 50 µs (cudaMemcpy 1, "
+                         "cudaStreamSynchronize 1); feed: decode: 2 in 35 µs (cudaStreamSynchronize 2)")
+    assert lines[4:7] == ["GPU 1: busy 36.0% of those steps' time",
+                          "  stream 3 (from the training loop): busy 25.0%, 1 kernel or copy, longest gap 750 µs",
+                          "  stream 5 (from ?): busy 11.0%, 2 kernels and copies, longest gap 500 µs"]
     assert summarize([e for e in events if e["name"] != "ProfilerStep#12"])[0] == "1 step in 500 µs, 500 µs a step"
     assert summarize(events[2:]) == ["no profiled steps (ProfilerStep#N) in this trace"]
+    assert summarize([span("user_annotation", "ProfilerStep#1", 5, 0)]) == [
+        "1 profiled step of no length in this trace"]
 
 
 def test_the_command_summarises_a_trace_and_names_a_file_it_cannot_read(tmp_path):
