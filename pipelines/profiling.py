@@ -132,14 +132,14 @@ def summarize(events: list[dict]) -> list[str]:
     t0, t1 = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
     if t1 <= t0:
         return [f"{count(len(steps), 'profiled step')} of no length in this trace"]
-    names = thread_names(spans, (steps[0]["pid"], steps[0]["tid"]))
+    thread = thread_names(spans, (steps[0]["pid"], steps[0]["tid"]))
     lines = [f"{count(len(steps), 'step')} in {duration(t1 - t0)}, {duration((t1 - t0) / len(steps))} a step"]
     work = [e for e in spans if e.get("cat") in GPU_WORK]
     if not work:
         return [lines[0] + "; no GPU in this trace"]
     # a kernel's launch: a runtime call (cudaLaunchKernel), or a driver call (cuLaunchKernel: Triton's
     # kernels, which torch.compile makes) of the same correlation
-    launched_by = {args(e)["correlation"]: names[(e["pid"], e["tid"])] for e in spans
+    launched_by = {args(e)["correlation"]: thread(e) for e in spans
                    if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in args(e)}
     devices: dict = defaultdict(lambda: defaultdict(list))
     for e in work:
@@ -159,7 +159,7 @@ def summarize(events: list[dict]) -> list[str]:
     waited: Counter = Counter()
     for e in spans:
         if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS and e["ts"] < t1 and e["ts"] + e["dur"] > t0:
-            who = names[(e["pid"], e["tid"])]
+            who = thread(e)
             waits[who][e["name"]] += 1
             waited[who] += min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)  # the part within the steps
     said = [f"{LOOP}: none"] if LOOP not in waits else []
@@ -174,16 +174,16 @@ def args(e: dict) -> dict:
     return e.get("args") or {}
 
 
-def thread_names(spans: list[dict], loop: tuple) -> defaultdict:
-    """(pid, tid) -> a name: the training loop's thread, a feed thread by its annotation, else its number."""
+def thread_names(spans: list[dict], loop: tuple):
+    """A function of an event: the name of its thread: the training loop's, a feed thread by its
+    annotation, else its number."""
     labels: dict[tuple, Counter] = defaultdict(Counter)
     for e in spans:
         if e.get("cat") == "user_annotation" and str(e.get("name")).startswith(FEED):
             labels[(e["pid"], e["tid"])][e["name"]] += 1
-    names = defaultdict(lambda: "another thread")
-    names.update({thread: counts.most_common(1)[0][0] for thread, counts in labels.items()})
+    names = {thread: counts.most_common(1)[0][0] for thread, counts in labels.items()}
     names[loop] = LOOP
-    return names
+    return lambda e: names.get((e["pid"], e["tid"]), f"thread {e['tid']}")
 
 
 def busy(events: list[dict], t0: float, t1: float) -> tuple[float, float]:

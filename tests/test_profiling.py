@@ -94,6 +94,7 @@ def test_a_gpu_trace_says_each_streams_busy_share_its_longest_gap_and_who_waited
         span("cuda_runtime", "cudaStreamSynchronize", 1200, 30, tid=12, correlation=300),
         span("cuda_runtime", "cudaStreamSynchronize", 1700, 5, tid=12, correlation=301),
         span("cuda_runtime", "cudaEventQuery", 1710, 1, tid=10, correlation=302),  # does not wait
+        span("cuda_runtime", "cudaFree", 1950, 20, tid=13, correlation=304),  # a thread with no annotation
         span("cuda_runtime", "cudaDeviceSynchronize", 100, 50, correlation=303),
         {"ph": "M", "name": "thread_name", "pid": 1, "tid": 10, "args": {"name": "thread 10"}},
     ]
@@ -102,7 +103,8 @@ def test_a_gpu_trace_says_each_streams_busy_share_its_longest_gap_and_who_waited
         "GPU 0: busy 80.0% of those steps' time",
         "  stream 7 (from the training loop): busy 70.0%, 3 kernels and copies, longest gap 200 µs",
         "  stream 20 (from feed: augment): busy 10.0%, 2 kernels and copies, longest gap 600 µs",
-        "host waits for the GPU: the training loop: none; feed: decode: 2 in 35 µs (cudaStreamSynchronize 2)"]
+        "host waits for the GPU: the training loop: none; feed: decode: 2 in 35 µs (cudaStreamSynchronize 2); "
+        "thread 13: 1 in 20 µs (cudaFree 1)"]
 
     # the loop's own wait, in a step, comes first, only its part within the steps counted; a second
     # GPU has a line of its own; a kernel launched through the driver (Triton's, from torch.compile),
@@ -113,7 +115,8 @@ def test_a_gpu_trace_says_each_streams_busy_share_its_longest_gap_and_who_waited
                kernel(1300, 100, 5, 999, device=1), {**kernel(1900, 10, 5, 998, device=1), "args": None}]
     lines = summarize(events)
     assert lines[-1] == ("host waits for the GPU: the training loop: 2 in 50 µs (cudaMemcpy 1, "
-                         "cudaStreamSynchronize 1); feed: decode: 2 in 35 µs (cudaStreamSynchronize 2)")
+                         "cudaStreamSynchronize 1); feed: decode: 2 in 35 µs (cudaStreamSynchronize 2); "
+                         "thread 13: 1 in 20 µs (cudaFree 1)")
     assert lines[4:7] == ["GPU 1: busy 36.0% of those steps' time",
                           "  stream 3 (from the training loop): busy 25.0%, 1 kernel or copy, longest gap 750 µs",
                           "  stream 5 (from ?): busy 11.0%, 2 kernels and copies, longest gap 500 µs"]
