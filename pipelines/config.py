@@ -508,18 +508,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def mistake_source(line: str, config: str | os.PathLike) -> str:
-    """Where a line of the config's error comes from, to print before it: the file when the file
+def mistake_sources(lines: list[str], config: str | os.PathLike) -> list[str]:
+    """Where each line of the config's error comes from, to print before it: the file when the file
     alone gives that line, else the command line (its overrides made it: a typo, or a value that
     does not go with the file's); nothing when the line names its source."""
-    if line.startswith(str(config)) or "on the command line" in line:
-        return ""
     try:
         load_config(config)
-        alone = []
+        alone = set()
     except ConfigError as e:
-        alone = str(e).split("\n")
-    return f"{config}: " if line in alone else "on the command line, "
+        alone = set(str(e).split("\n"))
+    return ["" if line.startswith(str(config)) or "on the command line" in line
+            else f"{config}: " if line in alone else "on the command line, " for line in lines]
 
 
 def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str | None = None) -> Config:
@@ -553,8 +552,9 @@ def parse_cli(argv: list[str] | None, description: str, preset=None, prog: str |
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        for line in str(e).split("\n"):
-            print(f"error: {mistake_source(line, args.config)}{line}", file=sys.stderr)
+        lines = str(e).split("\n")
+        for source, line in zip(mistake_sources(lines, args.config), lines):
+            print(f"error: {source}{line}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(cfg.to_yaml(), end="")

@@ -133,6 +133,10 @@ def summarize(events: list[dict]) -> list[str]:
     if t1 <= t0:
         return [f"{count(len(steps), 'profiled step')} of no length in this trace"]
     thread = thread_names(spans, (steps[0]["pid"], steps[0]["tid"]))
+
+    def within(e: dict) -> bool:  # ran, at least in part, while the host ran the steps
+        return e["ts"] < t1 and e["ts"] + e["dur"] > t0
+
     lines = [f"{count(len(steps), 'step')} in {duration(t1 - t0)}, {duration((t1 - t0) / len(steps))} a step"]
     work = [e for e in spans if e.get("cat") in GPU_WORK]
     if not work:
@@ -149,7 +153,7 @@ def summarize(events: list[dict]) -> list[str]:
         lines.append(f"GPU {device}: busy {busy(every, t0, t1)[0] / (t1 - t0):.1%} of those steps' time")
         shares = {s: busy(evs, t0, t1) for s, evs in streams.items()}
         for s in sorted(shares, key=lambda s: -shares[s][0]):
-            (ran, gap), evs = shares[s], [e for e in streams[s] if e["ts"] < t1 and e["ts"] + e["dur"] > t0]
+            (ran, gap), evs = shares[s], [e for e in streams[s] if within(e)]
             if ran == 0:
                 continue
             who = Counter(launched_by.get(args(e).get("correlation"), "?") for e in evs).most_common(1)[0][0]
@@ -158,7 +162,7 @@ def summarize(events: list[dict]) -> list[str]:
     waits: dict[str, Counter] = defaultdict(Counter)
     waited: Counter = Counter()
     for e in spans:
-        if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS and e["ts"] < t1 and e["ts"] + e["dur"] > t0:
+        if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS and within(e):
             who = thread(e)
             waits[who][e["name"]] += 1
             waited[who] += min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)  # the part within the steps
